@@ -1,0 +1,137 @@
+"""Name -> factory registry and the single entry point that builds models."""
+
+import difflib
+import inspect
+import json
+import math
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from cardkit.errors import CardkitError
+from cardkit.models._common import positive_int
+from cardkit.models.normalize import Normalize
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_COMMON = ("num_classes", "in_channels", "input_size", "mean", "std")
+_OPTION_KINDS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register a factory under its ``__name__``; its extra keyword parameters become the model's options."""
+    name = fn.__name__
+    if name in _REGISTRY:
+        raise CardkitError(f"model {name!r} is already registered; give the new factory function another name")
+    missing = [p for p in _COMMON if p not in inspect.signature(fn).parameters]
+    if missing:
+        raise CardkitError(
+            f"model factory {name!r} lacks parameters {', '.join(missing)}; "
+            f"every factory must accept {', '.join(_COMMON)}"
+        )
+    _REGISTRY[name] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(
+    name: str,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    input_size: int = 32,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Build a registered model for ``[0, 1]`` inputs of shape (in_channels, input_size, input_size).
+
+    ``mean``/``std`` (one value per channel, or one for all) feed the model's
+    first layer ``model.normalize``; by default it is the identity. The returned
+    model carries ``model.arch``, a JSON-ready dict from which
+    ``create_model(**model.arch)`` rebuilds the same architecture.
+    """
+    factory = _lookup(name)
+    options = _bind_options(name, factory, _flatten_arch_kwargs(kwargs))
+    common = {
+        "num_classes": positive_int(num_classes, "num_classes", name),
+        "in_channels": positive_int(in_channels, "in_channels", name),
+        "input_size": positive_int(input_size, "input_size", name),
+        "mean": _per_channel(mean, 0.0, "mean", in_channels, name),
+        "std": _per_channel(std, 1.0, "std", in_channels, name),
+    }
+    if min(common["std"]) <= 0:
+        raise CardkitError(f"{name}: std={common['std']} has a value <= 0; every std must be positive")
+    model = factory(**common, **options)
+    _check_built(name, model)
+    model.arch = {"name": name, **common, "kwargs": options}
+    return model
+
+
+def _lookup(name: str) -> Callable[..., nn.Module]:
+    if isinstance(name, str) and name in _REGISTRY:
+        return _REGISTRY[name]
+    close = difflib.get_close_matches(str(name), list_models(), n=3, cutoff=0.5)
+    hint = f" did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise CardkitError(f"unknown model {name!r};{hint} Registered: {', '.join(list_models())}")
+
+
+def _flatten_arch_kwargs(kwargs: dict) -> dict:
+    """Accept the options nested under "kwargs", as stored in ``model.arch``."""
+    nested = kwargs.get("kwargs")
+    if not isinstance(nested, dict):
+        return kwargs
+    rest = {k: v for k, v in kwargs.items() if k != "kwargs"}
+    clash = sorted(set(rest) & set(nested))
+    if clash:
+        raise CardkitError(f"options {', '.join(clash)} are given both directly and inside kwargs; give each once")
+    return {**rest, **nested}
+
+
+def _bind_options(name: str, factory: Callable, kwargs: dict) -> dict:
+    """Check ``kwargs`` against the factory's options and fill in their defaults, so arch records every choice."""
+    params = [
+        p for p in inspect.signature(factory).parameters.values() if p.kind in _OPTION_KINDS and p.name not in _COMMON
+    ]
+    accepted = [p.name for p in params]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise CardkitError(
+            f"model {name!r} got unknown keyword {', '.join(repr(u) for u in unknown)}; "
+            f"accepted: {', '.join(accepted) or 'none'}. Remove it or use one of those"
+        )
+    options = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    options.update(kwargs)
+    missing = [a for a in accepted if a not in options]
+    if missing:
+        raise CardkitError(f"model {name!r} needs keyword {', '.join(missing)}; pass it to create_model")
+    try:
+        json.dumps(options)
+    except (TypeError, ValueError):
+        raise CardkitError(f"model {name!r}: options {options!r} must be plain JSON values (numbers, strings, lists)")
+    return options
+
+
+def _per_channel(values, default: float, what: str, in_channels: int, name: str) -> list[float]:
+    if values is None:
+        return [default] * in_channels
+    try:
+        values = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise CardkitError(f"{name}: {what}={values!r} is not a list of numbers; give one number per input channel")
+    if len(values) == 1:
+        values = values * in_channels
+    if len(values) != in_channels or not all(math.isfinite(v) for v in values):
+        raise CardkitError(
+            f"{name}: {what}={values} does not fit in_channels={in_channels}; give {in_channels} finite numbers"
+        )
+    return values
+
+
+def _check_built(name: str, model) -> None:
+    if not isinstance(model, nn.Module) or not isinstance(getattr(model, "normalize", None), Normalize):
+        raise CardkitError(
+            f"model factory {name!r} returned {type(model).__name__}; it must return an nn.Module "
+            f"whose attribute `normalize` is a Normalize layer applied first"
+        )
