@@ -1,0 +1,5 @@
+import sys
+
+from cardkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,149 @@
+"""The `cardkit` command line. The only module that prints."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from cardkit import __version__
+from cardkit.errors import CardkitError
+
+EPILOG = "User errors print one line and exit with code 2."
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args) or 0
+    except CardkitError as err:
+        print(f"cardkit: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cardkit: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cardkit", epilog=EPILOG,
+                                     description="Compact, accurate and robust deep networks.")
+    parser.add_argument("--version", action="version", version=f"cardkit {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the stage pipeline of a config", epilog=EPILOG)
+    _config_arguments(run)
+    run.set_defaults(handler=_run)
+
+    train = commands.add_parser("train", help="train a model (the pretrain stage only)", epilog=EPILOG)
+    _config_arguments(train)
+    train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser("evaluate", help="measure clean and PGD accuracy of a checkpoint",
+                                   epilog=EPILOG)
+    evaluate.add_argument("--checkpoint", required=True, metavar="DIR",
+                          help="a run folder (runs/NAME), a stage's checkpoints folder or a checkpoint folder")
+    evaluate.add_argument("--best", action="store_true", help="use the best checkpoint instead of the last")
+    evaluate.add_argument("--eps", help="attack radius, e.g. 0.3 or 8/255 (default: the run's threat)")
+    evaluate.add_argument("--norm", choices=["linf", "l2"], help="attack norm (default: the run's threat)")
+    evaluate.add_argument("--steps", type=int, help="PGD steps")
+    evaluate.add_argument("--restarts", type=int, help="PGD restarts")
+    evaluate.add_argument("--samples", type=int, help="evaluate on this many samples of the split")
+    evaluate.add_argument("--split", choices=["test", "val"], help="data split")
+    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a key of the stored config, e.g. data.data_dir=/data")
+    evaluate.set_defaults(handler=_evaluate)
+
+    datasets = commands.add_parser("datasets", help="list the registered datasets")
+    datasets.set_defaults(handler=_datasets)
+    models = commands.add_parser("models", help="list the registered models")
+    models.set_defaults(handler=_models)
+    return parser
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config file, e.g. configs/quickstart.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set pretrain.epochs=5 (repeatable)")
+    parser.add_argument("--restart", action="store_true",
+                        help="delete the run folder and start over instead of resuming")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _run(args, pipeline: list[str] | None = None) -> int:
+    from cardkit.config import load_config
+    from cardkit.engine import run_pipeline
+
+    overrides = list(args.overrides)
+    if pipeline is not None:
+        overrides.append(f"pipeline={pipeline}")
+    config = load_config(args.config, overrides)
+    result = run_pipeline(config, restart=args.restart, progress=not args.no_progress)
+    _print_result(result, config.data.name)
+    return 0
+
+
+def _train(args) -> int:
+    return _run(args, pipeline=["pretrain"])
+
+
+def _evaluate(args) -> int:
+    from cardkit.engine import evaluate_checkpoint
+
+    flags = {"eps": "evaluate.attack.eps", "norm": "evaluate.attack.norm",
+             "steps": "evaluate.attack.steps", "restarts": "evaluate.attack.restarts",
+             "samples": "evaluate.samples", "split": "evaluate.split"}
+    overrides = list(args.overrides) + [f"{key}={getattr(args, flag)}" for flag, key in flags.items()
+                                        if getattr(args, flag) is not None]
+    result = evaluate_checkpoint(args.checkpoint, overrides, pointer="best" if args.best else "last")
+    _print_result(result, None)
+    return 0
+
+
+def _datasets(args) -> int:
+    from cardkit.data import list_datasets
+
+    print("\n".join(list_datasets()))
+    return 0
+
+
+def _models(args) -> int:
+    from cardkit.models import list_models
+
+    print("\n".join(list_models()))
+    return 0
+
+
+def _print_result(result, dataset: str | None) -> None:
+    for stage, rows in result.history.items():
+        if rows:
+            last = rows[-1]
+            accuracy = {k: v for k, v in last.items() if k.endswith("accuracy") and v is not None}
+            print(f"{stage}: {last['epoch']} epochs, " + ", ".join(f"{k} {v:.4f}" for k, v in accuracy.items()))
+    summary = result.model_summary
+    ev = result.evaluation
+    if ev is not None:
+        robust = "-" if ev.robust_accuracy is None else f"{ev.robust_accuracy:.4f}"
+        header = ["model", "split", "samples", "clean acc", f"{ev.attack} acc ({ev.norm} eps {ev.eps:.4g})",
+                  "parameters", "size (bytes)"]
+        row = [summary["name"], ev.split, str(ev.samples), f"{ev.clean_accuracy:.4f}", robust,
+               f"{summary['parameters']:,}", f"{summary['size_bytes']:,}"]
+        print(format_table(header, [row]))
+    print(f"outputs: {result.run_dir}")
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
+    line = "+".join("-" * (w + 2) for w in widths)
+
+    def fmt(cells):
+        return "|".join(f" {str(c):>{w}} " for c, w in zip(cells, widths))
+
+    return "\n".join([fmt(header), line] + [fmt(r) for r in rows])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""The run config: YAML validated by pydantic, overridable from the command line.
+
+Every section is strict: an unknown key, a wrong type or an out-of-range value becomes one
+`CardkitError` line that names the key, the value given and what is valid.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, ValidationError, model_validator
+
+from cardkit.config_base import Section
+from cardkit.errors import CardkitError
+from cardkit.numbers import Number
+from cardkit.objectives import OBJECTIVE_CONFIGS, NaturalConfig
+
+ObjectiveConfig = Annotated[Union[tuple(OBJECTIVE_CONFIGS)], Field(discriminator="name")]
+
+TRAIN_STAGES = ("pretrain",)
+STAGES = TRAIN_STAGES + ("evaluate",)
+
+
+class ThreatConfig(Section):
+    norm: Literal["linf", "l2"] = "linf"
+    eps: Number = Field(0.1, ge=0)
+
+
+class DataConfig(Section):
+    name: str = "digits"
+    data_dir: str = "data"
+    download: bool = True
+    train_size: Optional[PositiveInt] = None
+    val_size: NonNegativeInt = 0
+    test_size: Optional[PositiveInt] = None
+    train_files: Optional[list[str]] = None
+    val_files: Optional[list[str]] = None
+    test_files: Optional[list[str]] = None
+    batch_size: PositiveInt = 128
+    eval_batch_size: PositiveInt = 500
+    crop_padding: NonNegativeInt = 0
+    hflip: bool = False
+
+
+class ModelConfig(Section):
+    name: str = "cnn_small"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    channels_last: bool = False
+    compile: bool = False
+
+
+class OptimizerConfig(Section):
+    name: Literal["sgd", "adam"] = "sgd"
+    lr: Number = Field(0.1, gt=0)
+    momentum: Number = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: NonNegativeFloat = 5e-4
+    betas: tuple[Number, Number] = (0.9, 0.999)
+
+
+class ScheduleConfig(Section):
+    name: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: NonNegativeFloat = 0.0
+    milestones: list[PositiveInt] = Field(default_factory=list)  # epochs, for `step`
+    gamma: Number = Field(0.1, gt=0, le=1)
+    min_lr: NonNegativeFloat = 0.0
+
+
+class TrainStageConfig(Section):
+    epochs: PositiveInt = 10
+    objective: ObjectiveConfig = Field(default_factory=NaturalConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    grad_clip: Optional[Number] = Field(None, gt=0)
+    checkpoint_every: NonNegativeInt = 0  # optimizer steps between mid-epoch checkpoints; 0: epoch ends only
+    eval_samples: Optional[PositiveInt] = 1000  # per-epoch evaluation subset; null: the whole split
+    eval_pgd_steps: NonNegativeInt = 0  # > 0: also measure PGD accuracy each epoch and pick the best by it
+
+
+class AttackConfig(Section):
+    steps: PositiveInt = 20
+    restarts: PositiveInt = 1
+    step_size: Optional[Number] = Field(None, gt=0)
+    eps: Optional[Number] = Field(None, ge=0)
+    norm: Optional[Literal["linf", "l2"]] = None
+
+
+class EvaluateConfig(Section):
+    split: Literal["test", "val"] = "test"
+    samples: Optional[PositiveInt] = None
+    checkpoint: Literal["last", "best"] = "last"
+    attack: AttackConfig = Field(default_factory=AttackConfig)
+
+
+class RunConfig(Section):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: NonNegativeInt = 0
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    output_dir: str = "runs"
+    pipeline: list[Literal[STAGES]] = Field(default_factory=lambda: ["pretrain", "evaluate"], min_length=1)
+    threat: ThreatConfig = Field(default_factory=ThreatConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: TrainStageConfig = Field(default_factory=TrainStageConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @model_validator(mode="after")
+    def _check_pipeline(self):
+        if len(set(self.pipeline)) != len(self.pipeline):
+            raise ValueError(f"pipeline lists a stage twice: {self.pipeline}")
+        if self.evaluate.split == "val" and self.data.val_size == 0 and not self.data.val_files:
+            raise ValueError("evaluate.split is 'val' but the data has no validation split: "
+                             "set data.val_size or data.val_files")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config (or the defaults when path is None), apply `key.path=value` overrides,
+    and validate."""
+    raw = _read_yaml(Path(path)) if path is not None else {}
+    return validate_config(raw, overrides)
+
+
+def validate_config(raw: dict, overrides: list[str] = ()) -> RunConfig:
+    if overrides:
+        defaults = _validate(raw).model_dump(mode="python")
+        for item in overrides:
+            _apply_override(raw, defaults, item)
+    return _validate(raw)
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise CardkitError(f"config file '{path}' does not exist; give the path of a YAML file "
+                           f"(e.g. configs/quickstart.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise CardkitError(f"config file '{path}' is not valid YAML{line}: "
+                           f"{getattr(err, 'problem', err)}") from None
+    except UnicodeDecodeError:
+        raise CardkitError(f"config file '{path}' is not a text YAML file") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise CardkitError(f"config file '{path}' must hold a mapping of sections "
+                           f"(data:, model:, ...), got a {type(raw).__name__}")
+    return raw
+
+
+def _apply_override(raw: dict, defaults: dict, item: str) -> None:
+    """Set `a.b.c=value` in raw; missing levels are filled from the defaults, so a key can be
+    overridden without restating its section. The value is parsed as YAML (numbers, booleans,
+    lists) and type-checked by validation afterwards."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise CardkitError(f"--set expects section.key=value, got '{item}'")
+    parts = key.strip().split(".")
+    node, default = raw, defaults
+    for depth, part in enumerate(parts[:-1]):
+        default = default.get(part) if isinstance(default, dict) else None
+        if not isinstance(node.get(part), dict):
+            if not isinstance(default, dict):
+                path = ".".join(parts[:depth + 1])
+                raise CardkitError(f"--set {item}: '{path}' is not a config section; "
+                                   f"valid sections: {', '.join(sorted(k for k, v in defaults.items() if isinstance(v, dict)))}")
+            node[part] = dict(default)
+        node = node[part]
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node[parts[-1]] = value
+
+
+def _validate(raw: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise CardkitError(_describe(err, raw)) from None
+
+
+def _describe(err: ValidationError, raw: dict) -> str:
+    """One line for the first error: key, value given, what is valid."""
+    errors = err.errors()
+    first = errors[0]
+    raw_loc = [str(p) for p in first["loc"]]
+    # Tagged unions add the tag to the location (pretrain.objective.pgd_at.steps): drop it.
+    loc = [p for i, p in enumerate(raw_loc)
+           if not (i > 0 and raw_loc[i - 1] == "objective" and p in _objective_names())]
+    key = ".".join(loc) or "config"
+    more = f" (and {len(errors) - 1} more problem{'s' * (len(errors) > 2)})" if len(errors) > 1 else ""
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        valid = _valid_keys(raw_loc[:-1])
+        close = difflib.get_close_matches(loc[-1], valid, n=2)
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+        return f"unknown config key '{key}'; {hint}valid keys here: {', '.join(valid)}{more}"
+    if kind == "union_tag_invalid":
+        names = _objective_names()
+        given = first["input"].get("name") if isinstance(first["input"], dict) else first["input"]
+        close = difflib.get_close_matches(str(given), names, n=2)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        return f"{key}.name: unknown objective {given!r}; valid: {', '.join(names)}{hint}{more}"
+    message = first["msg"].removeprefix("Value error, ")
+    if kind == "value_error" and not loc:
+        return f"config: {message}{more}"
+    return f"{key}: given {first['input']!r}; {message}{more}"
+
+
+def _objective_names() -> list[str]:
+    return [cls.model_fields["name"].default for cls in OBJECTIVE_CONFIGS]
+
+
+def _valid_keys(loc: list[str]) -> list[str]:
+    model = RunConfig
+    for part in loc:
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        if part in _objective_names():
+            model = next(c for c in OBJECTIVE_CONFIGS if c.model_fields["name"].default == part)
+            continue
+        model = _section_type(annotation)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _section_type(annotation):
+    if isinstance(annotation, type) and issubclass(annotation, Section):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
