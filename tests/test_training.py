@@ -1,0 +1,154 @@
+"""Trainer, schedules, checkpoints and resume: a killed run ends with the same weights."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cardkit.config import ScheduleConfig, validate_config
+from cardkit.engine import evaluate_checkpoint, run_pipeline
+from cardkit.engine.checkpoint import load_checkpoint
+from cardkit.errors import CardkitError, TrainingDiverged
+from cardkit.train import Trainer, learning_rate
+
+
+def small_config(tmp_path, **extra):
+    overrides = {"name": "t", "output_dir": str(tmp_path), "data.train_size": 300, "data.val_size": 100,
+                 "data.batch_size": 50, "pretrain.epochs": 10, "pretrain.objective.name": "pgd_at",
+                 "pretrain.objective.steps": 2, "pretrain.eval_pgd_steps": 2, "pretrain.optimizer.name": "adam", "pretrain.optimizer.lr": 0.01,
+                 "pretrain.schedule.warmup_epochs": 1, "data.crop_padding": 1, "evaluate.attack.steps": 5,
+                 "threat.eps": 0.1, **extra}
+    return validate_config({}, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def final_weights(run_dir):
+    return load_checkpoint(run_dir / "pretrain" / "checkpoints").model_state()
+
+
+class Killed(Exception):
+    pass
+
+
+def kill_at_step(monkeypatch, at_step):
+    original = Trainer._step
+    calls = {"n": 0}
+
+    def step(self, *args):
+        calls["n"] += 1
+        if calls["n"] == at_step:
+            raise Killed
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "_step", step)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    path = tmp_path_factory.mktemp("reference")
+    config = small_config(path)
+    result = run_pipeline(config)
+    return config, result, final_weights(config.run_dir)
+
+
+@pytest.mark.parametrize("kill_step,checkpoint_every", [(8, 0), (14, 0), (8, 5), (13, 3)])
+def test_killed_run_resumes_to_identical_weights(tmp_path, monkeypatch, reference,
+                                                 kill_step, checkpoint_every):
+    # 6 steps per epoch: kills land mid-epoch, with and without mid-epoch checkpoints.
+    config = small_config(tmp_path, **{"pretrain.checkpoint_every": checkpoint_every})
+    _, ref_result, ref_weights = reference
+    kill_at_step(monkeypatch, kill_step)
+    with pytest.raises(Killed):
+        run_pipeline(config)
+    monkeypatch.undo()
+    result = run_pipeline(config)
+    weights = final_weights(config.run_dir)
+    assert weights.keys() == ref_weights.keys()
+    for key in weights:
+        assert torch.equal(weights[key], ref_weights[key]), key
+    assert result.evaluation == ref_result.evaluation.__class__(**{
+        **ref_result.evaluation.to_dict(), "seconds": result.evaluation.seconds})
+    rows = [json.loads(line) for line in (config.run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, 11))
+
+
+def test_outputs_and_pgd_below_clean(reference):
+    config, result, _ = reference
+    run_dir = config.run_dir
+    assert (run_dir / "config.yaml").is_file()
+    assert validate_config(__import__("yaml").safe_load((run_dir / "config.yaml").read_text())) == config
+    metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    ev = metrics["robustness"]
+    assert ev["samples"] == 360 and ev["split"] == "test"
+    assert ev["clean_accuracy"] > 0.5, "a few epochs of PGD-AT on digits should learn something"
+    assert ev["robust_accuracy"] < ev["clean_accuracy"]
+    checkpoint = load_checkpoint(run_dir / "pretrain" / "checkpoints")
+    optimizer_state = torch.load(checkpoint.path / "optimizer.pt", weights_only=True)
+    assert "state" in optimizer_state and optimizer_state["state"]
+    again = evaluate_checkpoint(run_dir)
+    assert again.evaluation.clean_accuracy == pytest.approx(ev["clean_accuracy"])
+
+
+def test_rerun_of_finished_run_is_a_no_op_and_changed_config_is_refused(reference):
+    config, result, weights = reference
+    again = run_pipeline(config)
+    assert [r["epoch"] for r in again.history["pretrain"]] == list(range(1, 11))
+    changed = config.model_copy(update={"seed": 1})
+    with pytest.raises(CardkitError, match="different config.*seed.*--restart"):
+        run_pipeline(changed)
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    config = small_config(tmp_path)
+    original = Trainer._step
+    calls = {"n": 0}
+
+    def step(self, x, y, epoch, state, totals):
+        calls["n"] += 1
+        if calls["n"] == 9:  # epoch 2, batch 3
+            objective = self.objective
+            self.objective = lambda *a: {**objective(*a), "loss": torch.tensor(float("nan"))}
+        return original(self, x, y, epoch, state, totals)
+
+    monkeypatch.setattr(Trainer, "_step", step)
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at epoch 2, step 3"):
+        run_pipeline(config)
+    kept = load_checkpoint(config.run_dir / "pretrain" / "checkpoints")
+    assert kept.meta["state"]["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in kept.model_state().values() if t.is_floating_point())
+
+
+def test_damaged_checkpoints_give_clear_errors(tmp_path, reference):
+    config, _, _ = reference
+    checkpoint = load_checkpoint(config.run_dir / "pretrain" / "checkpoints")
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(checkpoint.path, copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CardkitError, match="truncated"):
+        load_checkpoint(copy)
+    data = bytearray(checkpoint.path.joinpath("model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CardkitError, match="sha256"):
+        load_checkpoint(copy)
+    (copy / "meta.json").write_text('{"format": "cardkit-checkpoint", "vers')
+    with pytest.raises(CardkitError, match="not valid JSON"):
+        load_checkpoint(copy)
+    with pytest.raises(CardkitError, match="no checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+def test_learning_rate_schedules():
+    cosine = ScheduleConfig(name="cosine", warmup_epochs=1)
+    lrs = [learning_rate(s, 10, 5, 0.1, cosine) for s in range(50)]
+    assert lrs[0] == pytest.approx(0.01) and lrs[9] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[-1] < 0.001
+    step = ScheduleConfig(name="step", milestones=[2, 4], gamma=0.1)
+    assert [learning_rate(s, 10, 5, 1.0, step) for s in (0, 19, 20, 39, 40)] == pytest.approx(
+        [1.0, 1.0, 0.1, 0.1, 0.01])
+    constant = ScheduleConfig(name="constant", warmup_epochs=0.5)
+    assert [learning_rate(s, 10, 2, 0.2, constant) for s in (0, 4, 5, 19)] == pytest.approx(
+        [0.04, 0.2, 0.2, 0.2])
