@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, ValidationError, model_validator
+from pydantic import (Field, NonNegativeFloat, NonNegativeInt, PositiveInt, ValidationError,
+                      field_validator, model_validator)
 
 from cardkit.config_base import Section
 from cardkit.errors import CardkitError
@@ -44,12 +45,27 @@ class DataConfig(Section):
     crop_padding: NonNegativeInt = 0
     hflip: bool = False
 
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        from cardkit.data.registry import canonical_name
+
+        return _as_value_error(canonical_name, name)
+
 
 class ModelConfig(Section):
     name: str = "cnn_small"
     kwargs: dict[str, Any] = Field(default_factory=dict)
     channels_last: bool = False
     compile: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        from cardkit.models.registry import lookup_model
+
+        _as_value_error(lookup_model, name)
+        return name
 
 
 class OptimizerConfig(Section):
@@ -119,6 +135,14 @@ class RunConfig(Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+
+def _as_value_error(check, value):
+    """Registry lookups raise CardkitError; pydantic reports ValueErrors with the key's location."""
+    try:
+        return check(value)
+    except CardkitError as err:
+        raise ValueError(str(err)) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:

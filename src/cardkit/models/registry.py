@@ -52,7 +52,7 @@ def create_model(
     model carries ``model.arch``, a JSON-ready dict from which
     ``create_model(**model.arch)`` rebuilds the same architecture.
     """
-    factory = _lookup(name)
+    factory = lookup_model(name)
     options = _bind_options(name, factory, _flatten_arch_kwargs(kwargs))
     common = {
         "num_classes": positive_int(num_classes, "num_classes", name),
@@ -69,7 +69,7 @@ def create_model(
     return model
 
 
-def _lookup(name: str) -> Callable[..., nn.Module]:
+def lookup_model(name: str) -> Callable[..., nn.Module]:
     if isinstance(name, str) and name in _REGISTRY:
         return _REGISTRY[name]
     close = difflib.get_close_matches(str(name), list_models(), n=3, cutoff=0.5)

@@ -1,0 +1,121 @@
+"""The command line on real data: train, evaluate, resume after SIGKILL; user errors exit 2."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from cardkit.cli import main
+
+
+def cardkit(*args, cwd=None, check=True):
+    result = subprocess.run([sys.executable, "-m", "cardkit", *map(str, args)], capture_output=True,
+                            text=True, cwd=cwd, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"cardkit {' '.join(map(str, args))} failed:\n{result.stderr}")
+    return result
+
+
+def mnist_config(tmp_path, shared_data, name="mnist", epochs=2):
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(f"""
+name: {name}
+output_dir: {tmp_path / 'runs'}
+threat: {{norm: linf, eps: 0.1}}
+data: {{name: mnist, data_dir: {shared_data}, download: false, train_size: 2000, val_size: 200,
+        test_size: 300, batch_size: 100}}
+model: {{name: cnn_small}}
+pretrain:
+  epochs: {epochs}
+  objective: {{name: pgd_at, steps: 3}}
+  optimizer: {{name: adam, lr: 0.002}}
+  checkpoint_every: 4
+evaluate: {{attack: {{steps: 10}}}}
+""")
+    return config
+
+
+def test_cli_trains_evaluates_and_resumes_after_sigkill_on_mnist(tmp_path, shared_data):
+    config = mnist_config(tmp_path, shared_data, epochs=3)
+    out = cardkit("run", config, "--no-progress")
+    assert "clean acc" in out.stdout and "cnn_small" in out.stdout
+    run_dir = tmp_path / "runs" / "mnist"
+    metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())["robustness"]
+    assert metrics["samples"] == 300 and metrics["clean_accuracy"] > 0.8
+    assert metrics["robust_accuracy"] < metrics["clean_accuracy"]
+    reference = load_file(next((run_dir / "pretrain" / "checkpoints").glob("epoch0003*")) / "model.safetensors")
+
+    # The same run, killed with SIGKILL once its first mid-epoch checkpoint exists, then resumed.
+    killed = mnist_config(tmp_path, shared_data, name="killed", epochs=3)
+    process = subprocess.Popen([sys.executable, "-m", "cardkit", "run", str(killed), "--no-progress"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pointer = tmp_path / "runs" / "killed" / "pretrain" / "checkpoints" / "last.json"
+    deadline = time.time() + 300
+    while not pointer.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert pointer.exists()
+    cardkit("run", killed, "--no-progress")
+    resumed = load_file(next((tmp_path / "runs" / "killed" / "pretrain" / "checkpoints").glob("epoch0003*"))
+                        / "model.safetensors")
+    assert all((resumed[k] == reference[k]).all() for k in reference)
+
+    again = cardkit("evaluate", "--checkpoint", run_dir, "--steps", "5", "--eps", "1/255")
+    assert "linf eps 0.003922" in again.stdout
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["run", "nope.yaml"], "does not exist"),
+    (["run", "{config}", "--set", "pretrain.epohcs=2"], "did you mean 'epochs'"),
+    (["run", "{config}", "--set", "model.name=resnt18"], "did you mean 'resnet18'"),
+    (["run", "{config}", "--set", "data.name=mnsit"], "mnist"),
+    (["run", "{config}", "--set", "threat.eps=-1"], "threat.eps"),
+    (["run", "{config}", "--set", "pretrain.objective.steps=0"], "pretrain.objective.steps"),
+    (["run", "{config}", "--set", "data.data_dir={empty}"], "train-images-idx3-ubyte.gz"),
+    (["run", "{notyaml}"], "not valid YAML"),
+    (["evaluate", "--checkpoint", "{empty}"], "no checkpoint"),
+])
+def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, args, expected):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"output_dir: {tmp_path}\ndata: {{name: mnist, download: false}}\n"
+                      f"pretrain: {{objective: {{name: pgd_at}}}}\n")
+    notyaml = tmp_path / "bad.yaml"
+    notyaml.write_text("a: [b\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = [a.format(config=config, notyaml=notyaml, empty=empty) for a in args]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("cardkit: error: ") and captured.err.count("\n") == 1
+    assert expected in captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_truncated_checkpoint_is_a_user_error(tmp_path, capsys):
+    assert main(["train", "configs/quickstart.yaml" if Path("configs/quickstart.yaml").exists()
+                 else str(Path(__file__).parents[1] / "configs" / "quickstart.yaml"),
+                 "--set", f"output_dir={tmp_path}", "--set", "pretrain.epochs=1", "--no-progress"]) == 0
+    checkpoints = tmp_path / "quickstart" / "pretrain" / "checkpoints"
+    weights = next(checkpoints.glob("epoch*")) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "quickstart")]) == 2
+    assert "truncated" in capsys.readouterr().err
+
+
+def test_listing_commands(capsys):
+    assert main(["models"]) == 0
+    assert "cnn_small" in capsys.readouterr().out.split()
+    assert main(["datasets"]) == 0
+    assert {"digits", "mnist", "cifar10", "cifar100", "svhn"} <= set(capsys.readouterr().out.split())
+    for command in ("run", "train", "evaluate", "datasets", "models"):
+        with pytest.raises(SystemExit) as info:
+            main([command, "--help"])
+        assert info.value.code == 0
