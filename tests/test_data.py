@@ -297,7 +297,7 @@ def test_list_datasets():
 def test_unknown_name_suggests_close_one():
     with pytest.raises(CardkitError, match="did you mean 'mnist'.*valid names: cifar10, cifar100"):
         load_dataset("mnsit")
-
+    assert len(load_dataset(" Digits ").test) == 360
 
 # --- subsets ----------------------------------------------------------------------------------------
 
@@ -479,6 +479,12 @@ def test_unshuffled_order_and_drop_last():
     batches = list(loader.epoch())
     assert len(loader) == len(batches) == 10
     assert torch.cat([y for _, y in batches]).tolist() == list(range(100))
+
+
+def test_plain_epoch_leaves_global_random_state_alone():
+    state = torch.get_rng_state()
+    list(BatchLoader(_id_dataset(), 10).epoch())
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_start_batch_out_of_range_is_refused():
