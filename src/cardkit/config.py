@@ -56,7 +56,7 @@ class DataConfig(Section):
 class ModelConfig(Section):
     name: str = "cnn_small"
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    channels_last: bool = False
+    channels_last: bool = True  # measured faster on CPU for every conv net but cnn_small (equal there)
     compile: bool = False
 
     @field_validator("name")

@@ -1,4 +1,4 @@
-"""Batched, seeded data augmentation for float image batches."""
+"""Batched, seeded data augmentation for image batches (uint8 or float)."""
 
 from __future__ import annotations
 
