@@ -76,3 +76,22 @@ def test_threat_rejects_bad_values():
         Threat("linf", -0.1)
     with pytest.raises(ValueError):
         pgd(tiny_net(), *batch(), Threat("linf", 0.1), steps=0)
+
+
+def test_evaluation_flags_zero_gradients(caplog):
+    from cardkit.eval import evaluate_robustness
+
+    class Saturated(nn.Module):
+        """Predicts the label with a huge margin: softmax saturates and the gradient vanishes."""
+
+        def forward(self, x):
+            return torch.nn.functional.one_hot((x[:, 0, 0, 0] > 0.5).long(), 4).float() * 1e4 + 0 * x.sum()
+
+    x = torch.zeros(8, 3, 6, 6)
+    x[:4, 0, 0, 0] = 1
+    y = x[:, 0, 0, 0].long()
+    result = evaluate_robustness(Saturated(), [(x, y)], Threat("linf", 0.01), steps=3)
+    assert result.zero_gradient_samples == 8 and result.robust_accuracy == 1.0
+    assert "zero loss gradient" in caplog.text
+    trained = evaluate_robustness(tiny_net(), [batch()], Threat("linf", 0.01), steps=3)
+    assert trained.zero_gradient_samples == 0

@@ -57,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
                           help="override a key of the stored config, e.g. data.data_dir=/data")
     evaluate.set_defaults(handler=_evaluate)
 
+    report = commands.add_parser("report", help="a results table of finished runs", epilog=EPILOG)
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, e.g. runs/quickstart")
+    report.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    report.set_defaults(handler=_report)
+
     datasets = commands.add_parser("datasets", help="list the registered datasets")
     datasets.set_defaults(handler=_datasets)
     models = commands.add_parser("models", help="list the registered models")
@@ -82,7 +87,7 @@ def _run(args, pipeline: list[str] | None = None) -> int:
         overrides.append(f"pipeline={pipeline}")
     config = load_config(args.config, overrides)
     result = run_pipeline(config, restart=args.restart, progress=not args.no_progress)
-    _print_result(result, config.data.name)
+    _print_result(result)
     return 0
 
 
@@ -99,7 +104,7 @@ def _evaluate(args) -> int:
     overrides = list(args.overrides) + [f"{key}={getattr(args, flag)}" for flag, key in flags.items()
                                         if getattr(args, flag) is not None]
     result = evaluate_checkpoint(args.checkpoint, overrides, pointer="best" if args.best else "last")
-    _print_result(result, None)
+    _print_result(result)
     return 0
 
 
@@ -117,32 +122,47 @@ def _models(args) -> int:
     return 0
 
 
-def _print_result(result, dataset: str | None) -> None:
+def _report(args) -> int:
+    from cardkit.engine import read_results
+
+    rows = [_result_row(r["run"], r["dataset"], r["model"], r["robustness"]) for r in read_results(args.runs)]
+    print(format_table(RESULT_HEADER, rows, markdown=args.markdown))
+    return 0
+
+
+RESULT_HEADER = ["run", "data", "model", "split", "samples", "clean acc", "robust acc", "attack",
+                 "parameters", "size (bytes)"]
+
+
+def _result_row(run: str, dataset: str, model: dict, ev: dict) -> list[str]:
+    robust = "-" if ev["robust_accuracy"] is None else f"{ev['robust_accuracy']:.4f}"
+    attack = "-" if ev["steps"] == 0 else (
+        f"{ev['attack']} x{ev['restarts']}, {ev['norm']} eps {ev['eps']:.4g}")
+    return [run, dataset, model["name"], ev["split"], str(ev["samples"]), f"{ev['clean_accuracy']:.4f}",
+            robust, attack, f"{model['parameters']:,}", f"{model['size_bytes']:,}"]
+
+
+def _print_result(result) -> None:
     for stage, rows in result.history.items():
         if rows:
             last = rows[-1]
             accuracy = {k: v for k, v in last.items() if k.endswith("accuracy") and v is not None}
             print(f"{stage}: {last['epoch']} epochs, " + ", ".join(f"{k} {v:.4f}" for k, v in accuracy.items()))
-    summary = result.model_summary
-    ev = result.evaluation
-    if ev is not None:
-        robust = "-" if ev.robust_accuracy is None else f"{ev.robust_accuracy:.4f}"
-        header = ["model", "split", "samples", "clean acc", f"{ev.attack} acc ({ev.norm} eps {ev.eps:.4g})",
-                  "parameters", "size (bytes)"]
-        row = [summary["name"], ev.split, str(ev.samples), f"{ev.clean_accuracy:.4f}", robust,
-               f"{summary['parameters']:,}", f"{summary['size_bytes']:,}"]
-        print(format_table(header, [row]))
+    if result.evaluation is not None:
+        row = _result_row(result.run_dir.name, result.dataset, result.model_summary, result.evaluation.to_dict())
+        print(format_table(RESULT_HEADER, [row]))
     print(f"outputs: {result.run_dir}")
 
 
-def format_table(header: list[str], rows: list[list[str]]) -> str:
+def format_table(header: list[str], rows: list[list[str]], markdown: bool = False) -> str:
     widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
-    line = "+".join("-" * (w + 2) for w in widths)
-
-    def fmt(cells):
-        return "|".join(f" {str(c):>{w}} " for c, w in zip(cells, widths))
-
-    return "\n".join([fmt(header), line] + [fmt(r) for r in rows])
+    if markdown:
+        fmt = lambda cells: "| " + " | ".join(f"{str(c):<{w}}" for c, w in zip(cells, widths)) + " |"  # noqa: E731
+        rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    else:
+        fmt = lambda cells: "  ".join(f"{str(c):<{w}}" for c, w in zip(cells, widths))  # noqa: E731
+        rule = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt(header), rule] + [fmt(r) for r in rows])
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The engine: the only part of cardkit that touches the file system."""
 
-from cardkit.engine.pipeline import RunResult, evaluate_checkpoint, run_pipeline
+from cardkit.engine.pipeline import RunResult, evaluate_checkpoint, read_results, run_pipeline
 
-__all__ = ["RunResult", "evaluate_checkpoint", "run_pipeline"]
+__all__ = ["RunResult", "evaluate_checkpoint", "read_results", "run_pipeline"]

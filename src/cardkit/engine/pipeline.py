@@ -39,6 +39,7 @@ INIT_SEED = 7919  # a fixed stream of the run seed for weight initialisation
 @dataclass
 class RunResult:
     run_dir: Path
+    dataset: str
     model_summary: dict[str, Any] = field(default_factory=dict)
     history: dict[str, list[dict]] = field(default_factory=dict)
     evaluation: Optional[RobustnessResult] = None
@@ -60,7 +61,7 @@ def run_pipeline(config: RunConfig, *, restart: bool = False, progress: bool = F
     splits = load_data(config)
     torch.manual_seed(derive_seed(config.seed, INIT_SEED))
     model = build_model(config, splits).to(device)
-    result = RunResult(run_dir, model_summary=summarize_model(model))
+    result = RunResult(run_dir, config.data.name, model_summary=summarize_model(model))
     last_train_stage = None
     for stage_id, stage in enumerate(config.pipeline):
         if stage in TRAIN_STAGES:
@@ -86,9 +87,21 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), *, pointer:
     splits = load_data(config)
     model = model_from_checkpoint(checkpoint).to(device)
     run_dir = checkpoint.path.parents[2]
-    result = RunResult(run_dir, model_summary=summarize_model(model))
+    result = RunResult(run_dir, config.data.name, model_summary=summarize_model(model))
     result.evaluation = _evaluate(config, model, splits, device, run_dir, checkpoint)
     return result
+
+
+def read_results(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
+    """The evaluation results of finished runs, one dict per run, for a report table."""
+    rows = []
+    for run_dir in map(Path, run_dirs):
+        file = run_dir / "evaluate" / "metrics.json"
+        if not file.is_file():
+            raise CardkitError(f"no evaluation results in '{run_dir}' (expected {file}); run "
+                               f"`cardkit run CONFIG` or `cardkit evaluate --checkpoint {run_dir}` first")
+        rows.append({"run": run_dir.name, **json.loads(file.read_text())})
+    return rows
 
 
 def load_data(config: RunConfig) -> DatasetSplits:

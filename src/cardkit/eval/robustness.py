@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import Iterable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cardkit.attacks import Threat, default_step_size, pgd
@@ -28,6 +29,7 @@ class RobustnessResult:
     steps: int
     restarts: int
     step_size: Optional[float]
+    zero_gradient_samples: int  # correctly classified inputs whose loss gradient is exactly zero
     seconds: float
 
     def to_dict(self) -> dict:
@@ -46,7 +48,7 @@ def evaluate_robustness(model: nn.Module, batches: Iterable[tuple[torch.Tensor, 
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    clean = robust = total = 0
+    clean = robust = total = zero_grad = 0
     try:
         for x, y in batches:
             with torch.no_grad():
@@ -54,6 +56,7 @@ def evaluate_robustness(model: nn.Module, batches: Iterable[tuple[torch.Tensor, 
             clean += int(correct.sum())
             total += len(y)
             if attack and correct.any():
+                zero_grad += _zero_gradients(model, x[correct], y[correct])
                 x_adv = pgd(model, x[correct], y[correct], threat, steps=steps,
                             step_size=step_size, restarts=restarts)
                 with torch.no_grad():
@@ -62,9 +65,19 @@ def evaluate_robustness(model: nn.Module, batches: Iterable[tuple[torch.Tensor, 
         model.train(was_training)
     if total == 0:
         raise ValueError("evaluation got no samples")
+    if zero_grad:
+        log.warning("%d of %d attacked inputs have an exactly zero loss gradient: the model may mask "
+                    "gradients, and PGD accuracy may overstate its robustness", zero_grad, clean)
     return RobustnessResult(
         split=split, samples=total, clean_accuracy=clean / total,
         robust_accuracy=robust / total if attack else None, norm=threat.norm, eps=threat.eps,
         attack=f"pgd-{steps}" if attack else "none", steps=steps if attack else 0,
-        restarts=restarts if attack else 0, step_size=step_size,
+        restarts=restarts if attack else 0, step_size=step_size, zero_gradient_samples=zero_grad,
         seconds=time.perf_counter() - start)
+
+
+def _zero_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """How many inputs get an exactly zero input gradient (saturated softmax, masked gradients)."""
+    x = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x)
+    return int((grad.flatten(1).abs().amax(1) == 0).sum())
