@@ -95,3 +95,15 @@ def test_evaluation_flags_zero_gradients(caplog):
     assert "zero loss gradient" in caplog.text
     trained = evaluate_robustness(tiny_net(), [batch()], Threat("linf", 0.01), steps=3)
     assert trained.zero_gradient_samples == 0
+
+
+def test_pgd_at_eps_ramp_up_grows_linearly():
+    from cardkit.objectives import PGDATConfig, build_objective
+
+    model, (x, y) = tiny_net(), batch()
+    objective = build_objective(PGDATConfig(eps=0.2, steps=3, eps_warmup_epochs=2), Threat("linf", 0.1))
+    for epoch, expected in [(0.0, 0.0), (0.5, 0.05), (1.0, 0.1), (2.0, 0.2), (5.0, 0.2)]:
+        objective.set_progress(epoch)
+        delta = (objective(model, x, y)["x_adv"] - x).abs().amax()
+        assert delta <= expected + 1e-6
+        assert delta >= 0.9 * expected

@@ -106,8 +106,10 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(tmp_p
     def step(self, x, y, epoch, state, totals):
         calls["n"] += 1
         if calls["n"] == 9:  # epoch 2, batch 3
-            objective = self.objective
-            self.objective = lambda *a: {**objective(*a), "loss": torch.tensor(float("nan"))}
+            cls = type(self.objective)
+            original_call = cls.__call__
+            monkeypatch.setattr(cls, "__call__",
+                                lambda o, *a: {**original_call(o, *a), "loss": torch.tensor(float("nan"))})
         return original(self, x, y, epoch, state, totals)
 
     monkeypatch.setattr(Trainer, "_step", step)

@@ -15,8 +15,7 @@ EPILOG = "User errors print one line and exit with code 2."
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    _configure_logging(args.verbose, args.quiet)
     try:
         return args.handler(args) or 0
     except CardkitError as err:
@@ -27,11 +26,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _configure_logging(verbose: bool, quiet: bool) -> None:
+    """cardkit's own log lines (one per epoch, warnings) go to stderr; other libraries warn only."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("cardkit")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    logging.basicConfig(level=logging.WARNING)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cardkit", epilog=EPILOG,
                                      description="Compact, accurate and robust deep networks.")
     parser.add_argument("--version", action="version", version=f"cardkit {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details (debug level)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run the stage pipeline of a config", epilog=EPILOG)

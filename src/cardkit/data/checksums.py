@@ -7,12 +7,12 @@ with no known md5 (such as a hand-made subset of a test batch) are read unchecke
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from cardkit.errors import CardkitError
+from cardkit.fileio import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +86,7 @@ def known_file(path: Path) -> KnownFile | None:
 
 
 def md5_of(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path, "md5")
 
 
 def cached_md5(path: Path) -> str:

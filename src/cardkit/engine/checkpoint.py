@@ -9,7 +9,6 @@ so a kill at any moment leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cardkit.errors import CardkitError
+from cardkit.fileio import file_digest
 
 FORMAT = "cardkit-checkpoint"
 VERSION = 1
@@ -133,11 +133,7 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(file, "sha256")
 
 
 def _write_synced(path: Path, text: str) -> None:

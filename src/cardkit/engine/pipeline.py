@@ -149,9 +149,11 @@ def _train_stage(config, stage, stage_id, model, splits, device, progress) -> li
         model.load_state_dict(checkpoint.model_state())
         optimizer.load_state_dict(checkpoint.optimizer_state())
         state = TrainState(**checkpoint.meta["state"], rng=checkpoint.rng_state())
-        log.info("%s: resuming at epoch %d, batch %d", stage, state.epoch + 1, state.batch)
+        log.info("%s: resuming at epoch %d, batch %d from %s", stage, state.epoch + 1, state.batch,
+                 checkpoint.path)
     history = _read_history(folder / "metrics.jsonl", state.epoch)
     if state.epoch >= stage_config.epochs:
+        log.info("%s: already complete (%d epochs)", stage, state.epoch)
         return history
     augmentation = Augmentation(crop_padding=config.data.crop_padding, hflip=config.data.hflip)
     loader = BatchLoader(splits.train, config.data.batch_size, shuffle=True, augmentation=augmentation,

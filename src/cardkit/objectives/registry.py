@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 from torch import nn
@@ -11,9 +11,15 @@ from cardkit.attacks import Threat
 from cardkit.config_base import Section
 
 
-class Objective(Protocol):
+class Objective:
+    """A training loss. Subclasses implement `__call__`; those with schedules (an eps ramp-up) also
+    `set_progress`, which the trainer calls before every step with the fractional epoch."""
+
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        ...
+        raise NotImplementedError
+
+    def set_progress(self, epoch: float) -> None:
+        pass
 
 
 Handler = Callable[[Section, Threat], Objective]

@@ -104,7 +104,9 @@ class Trainer:
         state.rng = None
         batches = self.loader.epoch(derive_seed(self.seed, self.stage_id, epoch, 0), start_batch=state.batch)
         totals = {"loss": 0.0, "correct": 0.0, "samples": 0.0}
-        bar = tqdm(batches, total=len(self.loader), initial=state.batch, disable=not self.progress,
+        # disable=None hides the bar when stderr is not a terminal (CI logs).
+        bar = tqdm(batches, total=len(self.loader), initial=state.batch,
+                   disable=None if self.progress else True,
                    desc=f"{self.describe} {epoch + 1}/{self.config.epochs}", leave=False, dynamic_ncols=True)
         for x, y in bar:
             self._step(x.contiguous(memory_format=self.memory_format), y, epoch, state, totals)
@@ -125,6 +127,7 @@ class Trainer:
         lr = learning_rate(state.step, steps_per_epoch, self.config.epochs,
                            self.config.optimizer.lr, self.config.schedule)
         set_learning_rate(self.optimizer, lr)
+        self.objective.set_progress(state.step / steps_per_epoch)
         out = self.objective(self.forward_model, x, y)
         loss = out["loss"]
         value = float(loss.detach())
@@ -157,6 +160,10 @@ class Trainer:
                f"{result.split}_accuracy": result.clean_accuracy,
                f"{result.split}_robust_accuracy": result.robust_accuracy,
                "seconds": seconds}
-        log.info("%s epoch %d: %s", self.describe, epoch + 1, row)
+        log.info("%s epoch %d/%d: loss %.4f, train acc %.4f, %s acc %.4f%s, lr %.3g, %.1f s",
+                 self.describe, epoch + 1, self.config.epochs, row["train_loss"], row["train_accuracy"],
+                 result.split, result.clean_accuracy,
+                 "" if result.robust_accuracy is None else f", {result.split} PGD acc {result.robust_accuracy:.4f}",
+                 row["lr"], seconds)
         self.save(state, row, is_best)
         return row
