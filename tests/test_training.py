@@ -96,6 +96,9 @@ def test_rerun_of_finished_run_is_a_no_op_and_changed_config_is_refused(referenc
     changed = config.model_copy(update={"seed": 1})
     with pytest.raises(CardkitError, match="different config.*seed.*--restart"):
         run_pipeline(changed)
+    # Evaluation settings and the stage list may change: the trained stage is reused.
+    evaluated = validate_config(config.model_dump(), ["evaluate.attack.steps=3", "pipeline=[pretrain, evaluate]"])
+    assert run_pipeline(evaluated).evaluation.steps == 3
 
 
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):

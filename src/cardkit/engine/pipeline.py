@@ -34,6 +34,7 @@ from cardkit.train.trainer import derive_seed
 
 log = logging.getLogger(__name__)
 INIT_SEED = 7919  # a fixed stream of the run seed for weight initialisation
+RESUME_SAFE_KEYS = {"pipeline", "evaluate", "device"}  # may change between runs of one run folder
 
 
 @dataclass
@@ -217,7 +218,8 @@ def _prepare_run_dir(run_dir: Path, config: RunConfig, restart: bool) -> None:
     text = dump_config(config)
     if saved.is_file():
         previous = yaml.safe_load(saved.read_text())
-        changed = _changed_keys(previous, config.model_dump(mode="json"))
+        changed = [k for k in _changed_keys(previous, config.model_dump(mode="json"))
+                   if k.split(".")[0] not in RESUME_SAFE_KEYS]
         if changed:
             raise CardkitError(
                 f"'{run_dir}' holds a run with a different config ({', '.join(changed[:3])} changed); "
