@@ -98,6 +98,7 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, args, expected)
     assert captured.err.startswith("cardkit: error: ") and captured.err.count("\n") == 1
     assert expected in captured.err
     assert "Traceback" not in captured.err
+    assert not (tmp_path / "run").exists(), "a failed start must not leave a run folder behind"
 
 
 def test_truncated_checkpoint_is_a_user_error(tmp_path, capsys):

@@ -34,7 +34,9 @@ from cardkit.train.trainer import derive_seed
 
 log = logging.getLogger(__name__)
 INIT_SEED = 7919  # a fixed stream of the run seed for weight initialisation
-RESUME_SAFE_KEYS = {"pipeline", "evaluate", "device"}  # may change between runs of one run folder
+# Keys that may change between runs of one run folder: they do not change what a stage computes.
+RESUME_SAFE_KEYS = ("pipeline", "evaluate", "device", "data.data_dir", "data.download",
+                    "data.eval_batch_size")
 
 
 @dataclass
@@ -57,9 +59,10 @@ def resolve_device(name: str) -> torch.device:
 
 def run_pipeline(config: RunConfig, *, restart: bool = False, progress: bool = False) -> RunResult:
     run_dir = config.run_dir
-    _prepare_run_dir(run_dir, config, restart)
     device = resolve_device(config.device)
-    splits = load_data(config)
+    _check_run_dir(run_dir, config, restart)
+    splits = load_data(config)  # before the run folder is written: a data error leaves nothing behind
+    _write_config(run_dir, config)
     torch.manual_seed(derive_seed(config.seed, INIT_SEED))
     model = build_model(config, splits).to(device)
     result = RunResult(run_dir, config.data.name, model_summary=summarize_model(model))
@@ -211,23 +214,26 @@ def _subset(data: ArrayDataset, n: int | None, seed: int) -> ArrayDataset:
     return ArrayDataset(data.images[index], data.labels[index])
 
 
-def _prepare_run_dir(run_dir: Path, config: RunConfig, restart: bool) -> None:
+def _check_run_dir(run_dir: Path, config: RunConfig, restart: bool) -> None:
+    """Refuse to resume a run folder whose training-relevant config differs."""
     saved = run_dir / "config.yaml"
     if restart and run_dir.exists():
         shutil.rmtree(run_dir)
-    text = dump_config(config)
     if saved.is_file():
         previous = yaml.safe_load(saved.read_text())
         changed = [k for k in _changed_keys(previous, config.model_dump(mode="json"))
-                   if k.split(".")[0] not in RESUME_SAFE_KEYS]
+                   if not any(k == safe or k.startswith(safe + ".") for safe in RESUME_SAFE_KEYS)]
         if changed:
             raise CardkitError(
                 f"'{run_dir}' holds a run with a different config ({', '.join(changed[:3])} changed); "
                 f"pass --restart to start it over, or choose another name with --set name=NEW")
+
+
+def _write_config(run_dir: Path, config: RunConfig) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text = saved.with_name(".config.yaml.tmp")
-    write_text.write_text(text)
-    write_text.replace(saved)
+    tmp = run_dir / ".config.yaml.tmp"
+    tmp.write_text(dump_config(config))
+    tmp.replace(run_dir / "config.yaml")
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
