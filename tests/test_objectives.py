@@ -1,0 +1,47 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cardkit.attacks import Threat
+from cardkit.config import validate_config
+from cardkit.objectives import NaturalConfig, PGDATConfig, TradesConfig, build_objective
+from test_attacks import batch, tiny_net
+
+
+@pytest.mark.parametrize("config", [NaturalConfig(), PGDATConfig(steps=3), TradesConfig(steps=3),
+                                    PGDATConfig(steps=3, norm="l2", eps=0.5)])
+def test_objectives_return_a_differentiable_loss_and_logits(config):
+    model, (x, y) = tiny_net(), batch()
+    out = build_objective(config, Threat("linf", 0.1))(model, x, y)
+    assert out["loss"].dim() == 0 and torch.isfinite(out["loss"])
+    assert out["logits"].shape == (len(x), 4)
+    out["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_adversarial_losses_exceed_the_natural_loss():
+    model, (x, y) = tiny_net(), batch(n=64)
+    threat = Threat("linf", 0.1)
+    natural = build_objective(NaturalConfig(), threat)(model, x, y)["loss"]
+    adversarial = build_objective(PGDATConfig(steps=5), threat)(model, x, y)["loss"]
+    assert adversarial > natural
+    trades = build_objective(TradesConfig(steps=5, beta=6.0), threat)(model, x, y)
+    assert trades["loss"] >= natural and trades["robust_loss"] > 0
+    # beta = 0 leaves plain cross-entropy on the clean inputs.
+    plain = build_objective(TradesConfig(steps=2, beta=0.0), threat)(model, x, y)
+    assert plain["loss"].item() == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-6)
+
+
+def test_objective_eps_and_norm_default_to_the_threat_and_can_be_overridden():
+    model, (x, y) = tiny_net(), batch()
+    inherited = build_objective(PGDATConfig(steps=2), Threat("linf", 0.05))(model, x, y)["x_adv"]
+    assert (inherited - x).abs().amax() <= 0.05 + 1e-6
+    own = build_objective(PGDATConfig(steps=2, eps=0.5, norm="l2"), Threat("linf", 0.05))(model, x, y)["x_adv"]
+    assert ((own - x).flatten(1).norm(dim=1) <= 0.5 + 1e-5).all()
+    assert (own - x).abs().amax() > 0.05
+
+
+def test_config_builds_the_objective_by_name():
+    config = validate_config({"pretrain": {"objective": {"name": "trades", "beta": 1.5, "eps": "4/255"}}})
+    assert isinstance(config.pretrain.objective, TradesConfig)
+    assert config.pretrain.objective.threat(Threat("l2", 1.0)) == Threat("l2", 4 / 255)
