@@ -34,6 +34,7 @@ class BatchLoader:
         augmentation: Augmentation | None = None,
         device: torch.device | str = "cpu",
         drop_last: bool = False,
+        memory_format: torch.memory_format = torch.contiguous_format,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise CardkitError(f"batch_size={batch_size!r} is not valid; give an integer >= 1")
@@ -42,6 +43,7 @@ class BatchLoader:
         self.augmentation = augmentation if augmentation is not None and augmentation.active else None
         self.device = torch.device(device)
         self.drop_last = drop_last
+        self.memory_format = memory_format  # the model's layout, so the training step needs no copy
         self._images, self._labels = _place(dataset, self.device)
 
     def __len__(self) -> int:
@@ -78,7 +80,9 @@ class BatchLoader:
         x = images.to(self.device, non_blocking=True)
         if self.augmentation is not None:  # on uint8: a quarter of the memory traffic of float32
             x = self.augmentation(x, torch.Generator().manual_seed(batch_seed))
-        return x.float().div_(255.0), labels.to(self.device, non_blocking=True)
+        # Transposing float is faster than uint8 here (vectorised), so convert first.
+        x = x.float().div_(255.0).contiguous(memory_format=self.memory_format)
+        return x, labels.to(self.device, non_blocking=True)
 
 
 def _place(dataset: ArrayDataset, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -160,8 +160,10 @@ def _train_stage(config, stage, stage_id, model, splits, device, progress) -> li
         log.info("%s: already complete (%d epochs)", stage, state.epoch)
         return history
     augmentation = Augmentation(crop_padding=config.data.crop_padding, hflip=config.data.hflip)
+    memory_format = torch.channels_last if config.model.channels_last else torch.contiguous_format
     loader = BatchLoader(splits.train, config.data.batch_size, shuffle=True, augmentation=augmentation,
-                         device=device, drop_last=len(splits.train) > config.data.batch_size)
+                         device=device, drop_last=len(splits.train) > config.data.batch_size,
+                         memory_format=memory_format)
     eval_split = "val" if splits.val is not None else "test"
     eval_data = _subset(getattr(splits, eval_split), stage_config.eval_samples, config.seed)
     eval_loader = BatchLoader(eval_data, config.data.eval_batch_size, device=device)
@@ -183,8 +185,7 @@ def _train_stage(config, stage, stage_id, model, splits, device, progress) -> li
     forward_model = torch.compile(model) if config.model.compile else model
     trainer = Trainer(model, build_objective(stage_config.objective, threat), stage_config, loader,
                       optimizer, seed=config.seed, stage_id=stage_id, evaluate=evaluate, save=save,
-                      forward_model=forward_model, progress=progress, describe=stage,
-                      memory_format=torch.channels_last if config.model.channels_last else torch.contiguous_format)
+                      forward_model=forward_model, progress=progress, describe=stage)
     state.history = history
     return trainer.fit(state).history
 

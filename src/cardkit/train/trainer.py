@@ -71,8 +71,8 @@ class Trainer:
     def __init__(self, model: nn.Module, objective: Objective, config: TrainStageConfig,
                  loader, optimizer: torch.optim.Optimizer, *, seed: int, stage_id: int,
                  evaluate: Callable[[nn.Module], RobustnessResult], save: CheckpointFn,
-                 forward_model: nn.Module | None = None, memory_format=torch.contiguous_format,
-                 progress: bool = False, describe: str = "train"):
+                 forward_model: nn.Module | None = None, progress: bool = False,
+                 describe: str = "train"):
         self.model = model
         self.forward_model = forward_model or model  # a compiled wrapper, when compiling
         self.objective = objective
@@ -82,7 +82,6 @@ class Trainer:
         self.seed, self.stage_id = seed, stage_id
         self.evaluate = evaluate
         self.save = save
-        self.memory_format = memory_format
         self.progress = progress
         self.describe = describe
 
@@ -109,7 +108,7 @@ class Trainer:
                    disable=None if self.progress else True,
                    desc=f"{self.describe} {epoch + 1}/{self.config.epochs}", leave=False, dynamic_ncols=True)
         for x, y in bar:
-            self._step(x.contiguous(memory_format=self.memory_format), y, epoch, state, totals)
+            self._step(x, y, epoch, state, totals)
             bar.set_postfix(loss=f"{totals['loss'] / totals['samples']:.3f}",
                             acc=f"{totals['correct'] / totals['samples']:.3f}")
             state.batch += 1
