@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from cardkit.cli import main
@@ -83,7 +84,10 @@ def test_cli_trains_evaluates_and_resumes_after_sigkill_on_mnist(tmp_path, share
     (["run", "{config}", "--set", "data.data_dir={empty}"], "train-images-idx3-ubyte.gz"),
     (["run", "{notyaml}"], "not valid YAML"),
     (["evaluate", "--checkpoint", "{empty}"], "no checkpoint"),
-])
+    (["run", "{config}", "--set", "device=tpu"], "device"),
+] + ([] if torch.cuda.is_available() else [
+    (["run", "{config}", "--set", "device=cuda"], "CUDA is not available"),
+]))
 def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, args, expected):
     config = tmp_path / "c.yaml"
     config.write_text(f"output_dir: {tmp_path}\ndata: {{name: mnist, download: false}}\n"
@@ -122,3 +126,12 @@ def test_listing_commands(capsys):
         with pytest.raises(SystemExit) as info:
             main([command, "--help"])
         assert info.value.code == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_quickstart_trains_on_cuda(tmp_path):
+    out = cardkit("run", Path(__file__).parents[1] / "configs" / "quickstart.yaml", "--no-progress",
+                  "--set", f"output_dir={tmp_path}", "--set", "device=cuda", "--set", "pretrain.epochs=3")
+    metrics = json.loads((tmp_path / "quickstart" / "evaluate" / "metrics.json").read_text())
+    assert metrics["robustness"]["robust_accuracy"] <= metrics["robustness"]["clean_accuracy"]
+    assert "cnn_small" in out.stdout
