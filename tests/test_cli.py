@@ -71,7 +71,8 @@ def test_cli_trains_evaluates_and_resumes_after_sigkill_on_mnist(tmp_path, share
     again = cardkit("evaluate", "--checkpoint", run_dir, "--steps", "5", "--eps", "1/255")
     assert "linf eps 0.003922" in again.stdout
     table = cardkit("report", run_dir, "--markdown").stdout.splitlines()
-    assert table[0].startswith("| run") and table[2].startswith("| mnist | mnist | cnn_small | test  | 300")
+    cells = [c.strip() for c in table[2].strip("|").split("|")]
+    assert table[0].startswith("| run") and cells[:7] == ["mnist", "mnist", "cnn_small", "dense", "0.0000", "test", "300"]
 
 
 @pytest.mark.parametrize("args,expected", [

@@ -66,8 +66,8 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, monkeypatch, referenc
     assert weights.keys() == ref_weights.keys()
     for key in weights:
         assert torch.equal(weights[key], ref_weights[key]), key
-    assert result.evaluation == ref_result.evaluation.__class__(**{
-        **ref_result.evaluation.to_dict(), "seconds": result.evaluation.seconds})
+    ours, theirs = result.evaluations[0].robustness, ref_result.evaluations[0].robustness
+    assert ours == theirs.__class__(**{**theirs.to_dict(), "seconds": ours.seconds})
     rows = [json.loads(line) for line in (config.run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, 11))
 
@@ -86,7 +86,7 @@ def test_outputs_and_pgd_below_clean(reference):
     optimizer_state = torch.load(checkpoint.path / "optimizer.pt", weights_only=True)
     assert "state" in optimizer_state and optimizer_state["state"]
     again = evaluate_checkpoint(run_dir)
-    assert again.evaluation.clean_accuracy == pytest.approx(ev["clean_accuracy"])
+    assert again.evaluations[0].robustness.clean_accuracy == pytest.approx(ev["clean_accuracy"])
 
 
 def test_rerun_of_finished_run_is_a_no_op_and_changed_config_is_refused(reference):
@@ -98,7 +98,7 @@ def test_rerun_of_finished_run_is_a_no_op_and_changed_config_is_refused(referenc
         run_pipeline(changed)
     # Evaluation settings and the stage list may change: the trained stage is reused.
     evaluated = validate_config(config.model_dump(), ["evaluate.attack.steps=3", "pipeline=[pretrain, evaluate]"])
-    assert run_pipeline(evaluated).evaluation.steps == 3
+    assert run_pipeline(evaluated).evaluations[0].robustness.steps == 3
 
 
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):

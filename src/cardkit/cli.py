@@ -136,21 +136,23 @@ def _models(args) -> int:
 def _report(args) -> int:
     from cardkit.engine import read_results
 
-    rows = [_result_row(r["run"], r["dataset"], r["model"], r["robustness"]) for r in read_results(args.runs)]
+    rows = [_result_row(r["run"], r["dataset"], r.get("variant", "dense"), r["model"], r["robustness"])
+            for r in read_results(args.runs)]
     print(format_table(RESULT_HEADER, rows, markdown=args.markdown))
     return 0
 
 
-RESULT_HEADER = ["run", "data", "model", "split", "samples", "clean acc", "robust acc", "attack",
-                 "parameters", "size (bytes)"]
+RESULT_HEADER = ["run", "data", "model", "variant", "sparsity", "split", "samples", "clean acc",
+                 "robust acc", "attack", "kept params", "size (bytes)"]
 
 
-def _result_row(run: str, dataset: str, model: dict, ev: dict) -> list[str]:
+def _result_row(run: str, dataset: str, variant: str, model: dict, ev: dict) -> list[str]:
     robust = "-" if ev["robust_accuracy"] is None else f"{ev['robust_accuracy']:.4f}"
     attack = "-" if ev["steps"] == 0 else (
         f"{ev['attack']} x{ev['restarts']}, {ev['norm']} eps {ev['eps']:.4g}")
-    return [run, dataset, model["name"], ev["split"], str(ev["samples"]), f"{ev['clean_accuracy']:.4f}",
-            robust, attack, f"{model['parameters']:,}", f"{model['size_bytes']:,}"]
+    return [run, dataset, model["name"], variant, f"{model.get('sparsity', 0.0):.4f}", ev["split"],
+            str(ev["samples"]), f"{ev['clean_accuracy']:.4f}", robust, attack,
+            f"{model.get('kept_parameters', model['parameters']):,}", f"{model['size_bytes']:,}"]
 
 
 def _print_result(result) -> None:
@@ -159,9 +161,10 @@ def _print_result(result) -> None:
             last = rows[-1]
             accuracy = {k: v for k, v in last.items() if k.endswith("accuracy") and v is not None}
             print(f"{stage}: {last['epoch']} epochs, " + ", ".join(f"{k} {v:.4f}" for k, v in accuracy.items()))
-    if result.evaluation is not None:
-        row = _result_row(result.run_dir.name, result.dataset, result.model_summary, result.evaluation.to_dict())
-        print(format_table(RESULT_HEADER, [row]))
+    rows = [_result_row(result.run_dir.name, result.dataset, e.variant, e.model, e.robustness.to_dict())
+            for e in result.evaluations]
+    if rows:
+        print(format_table(RESULT_HEADER, rows))
     print(f"outputs: {result.run_dir}")
 
 

@@ -18,10 +18,12 @@ from cardkit.config_base import Section
 from cardkit.errors import CardkitError
 from cardkit.numbers import Number
 from cardkit.objectives import OBJECTIVE_CONFIGS, NaturalConfig
+from cardkit.prune import METHOD_CONFIGS
 
 ObjectiveConfig = Annotated[Union[tuple(OBJECTIVE_CONFIGS)], Field(discriminator="name")]
+MethodConfig = Annotated[Union[tuple(METHOD_CONFIGS)], Field(discriminator="name")]
 
-TRAIN_STAGES = ("pretrain",)
+TRAIN_STAGES = ("pretrain", "prune", "finetune")
 STAGES = TRAIN_STAGES + ("evaluate",)
 
 
@@ -96,6 +98,13 @@ class TrainStageConfig(Section):
     eval_pgd_steps: NonNegativeInt = 0  # > 0: also measure PGD accuracy each epoch and pick the best by it
 
 
+class PruneStageConfig(TrainStageConfig):
+    """The prune stage: each method of the list is one variant pruned from the same pretrained
+    model; methods that train (HYDRA's scores) use this stage's epochs, objective and optimizer."""
+
+    methods: list[MethodConfig] = Field(default_factory=list)
+
+
 class AttackConfig(Section):
     steps: PositiveInt = 20
     restarts: PositiveInt = 1
@@ -121,12 +130,29 @@ class RunConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrain: TrainStageConfig = Field(default_factory=TrainStageConfig)
+    prune: PruneStageConfig = Field(default_factory=PruneStageConfig)
+    finetune: TrainStageConfig = Field(default_factory=TrainStageConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     @model_validator(mode="after")
     def _check_pipeline(self):
         if len(set(self.pipeline)) != len(self.pipeline):
             raise ValueError(f"pipeline lists a stage twice: {self.pipeline}")
+        if self.pipeline != sorted(self.pipeline, key=STAGES.index):
+            raise ValueError(f"pipeline stages must come in the order {' -> '.join(STAGES)}, "
+                             f"got {self.pipeline}")
+        if "finetune" in self.pipeline and "prune" not in self.pipeline:
+            raise ValueError("the finetune stage keeps the masks of a prune stage, but the pipeline "
+                             f"has none: {self.pipeline}; add prune before finetune")
+        if "prune" in self.pipeline and not self.prune.methods:
+            raise ValueError("the prune stage needs at least one method: set prune.methods, e.g. "
+                             "[{name: hydra, sparsity: 0.9}]")
+        if "prune" in self.pipeline and "pretrain" not in self.pipeline:
+            raise ValueError("the prune stage prunes the pretrained model: put pretrain before it, "
+                             "or prune a saved model with `cardkit prune --checkpoint DIR`")
+        labels = [m.label for m in self.prune.methods]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"prune.methods lists the same method and sparsity twice: {labels}")
         if self.evaluate.split == "val" and self.data.val_size == 0 and not self.data.val_files:
             raise ValueError("evaluate.split is 'val' but the data has no validation split: "
                              "set data.val_size or data.val_files")
@@ -223,8 +249,7 @@ def _describe(err: ValidationError, raw: dict) -> str:
     first = errors[0]
     raw_loc = [str(p) for p in first["loc"]]
     # Tagged unions add the tag to the location (pretrain.objective.pgd_at.steps): drop it.
-    loc = [p for i, p in enumerate(raw_loc)
-           if not (i > 0 and raw_loc[i - 1] == "objective" and p in _objective_names())]
+    loc = [p for i, p in enumerate(raw_loc) if not _is_tag(raw_loc[:i], p)]
     key = ".".join(loc) or "config"
     more = f" (and {len(errors) - 1} more problem{'s' * (len(errors) > 2)})" if len(errors) > 1 else ""
     kind = first["type"]
@@ -234,11 +259,12 @@ def _describe(err: ValidationError, raw: dict) -> str:
         hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
         return f"unknown config key '{key}'; {hint}valid keys here: {', '.join(valid)}{more}"
     if kind == "union_tag_invalid":
-        names = _objective_names()
+        what = "objective" if loc[-1] == "objective" else "pruning method"
+        names = [c.model_fields["name"].default for c in _tagged_configs(loc[-1])]
         given = first["input"].get("name") if isinstance(first["input"], dict) else first["input"]
         close = difflib.get_close_matches(str(given), names, n=2)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        return f"{key}.name: unknown objective {given!r}; valid: {', '.join(names)}{hint}{more}"
+        return f"{key}.name: unknown {what} {given!r}; valid: {', '.join(names)}{hint}{more}"
     message = first["msg"].removeprefix("Value error, ")
     if kind == "value_error" and not loc:
         return f"config: {message}{more}"
@@ -249,13 +275,27 @@ def _objective_names() -> list[str]:
     return [cls.model_fields["name"].default for cls in OBJECTIVE_CONFIGS]
 
 
+def _tagged_configs(parent: str) -> list:
+    """The config classes of a tagged union found under the key `parent`."""
+    return OBJECTIVE_CONFIGS if parent == "objective" else METHOD_CONFIGS if parent.isdigit() else []
+
+
+def _is_tag(before: list[str], part: str) -> bool:
+    """Tagged unions add the tag to an error's location (pretrain.objective.pgd_at.steps)."""
+    if not before:
+        return False
+    return part in [c.model_fields["name"].default for c in _tagged_configs(before[-1])]
+
+
 def _valid_keys(loc: list[str]) -> list[str]:
     model = RunConfig
-    for part in loc:
-        annotation = model.model_fields[part].annotation if part in model.model_fields else None
-        if part in _objective_names():
-            model = next(c for c in OBJECTIVE_CONFIGS if c.model_fields["name"].default == part)
+    for i, part in enumerate(loc):
+        if _is_tag(loc[:i], part):
+            model = next(c for c in _tagged_configs(loc[i - 1]) if c.model_fields["name"].default == part)
             continue
+        if part.isdigit():  # an item of a list of sections
+            continue
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
         model = _section_type(annotation)
         if model is None:
             return []

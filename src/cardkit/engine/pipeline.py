@@ -1,10 +1,17 @@
-"""The stage pipeline: pretrain -> evaluate, each stage resumable from its own checkpoints.
+"""The stage pipeline: pretrain -> prune -> finetune -> evaluate, each stage resumable on its own.
+
+The dense model goes through `pretrain`; every method listed under `prune.methods` is one variant
+that starts from the same pretrained weights and goes through `prune` and `finetune` in its own
+folder. `evaluate` measures the dense model and every variant.
 
 Layout of a run folder (`output_dir/name/`):
-    config.yaml                     the resolved config
-    <stage>/checkpoints/            last.json, best.json and checkpoint folders
-    <stage>/metrics.jsonl           one row per epoch
-    evaluate/metrics.json           the typed evaluation results
+    config.yaml                          the resolved config
+    pretrain/checkpoints/, metrics.jsonl the dense model
+    evaluate/metrics.json                the dense model's evaluation
+    <method>-<sparsity>/                 one folder per pruning variant, e.g. hydra-0.9/
+        variant.yaml                     what the variant's stages were run with
+        prune/, finetune/                checkpoints/ and metrics.jsonl of each stage
+        evaluate/metrics.json
 """
 
 from __future__ import annotations
@@ -14,14 +21,15 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import yaml
 from torch import nn
 
 from cardkit.attacks import Threat
-from cardkit.config import RunConfig, TRAIN_STAGES, dump_config, validate_config
+from cardkit.config import STAGES, TRAIN_STAGES, RunConfig, dump_config, validate_config
+from cardkit.config_base import Section
 from cardkit.data import ArrayDataset, Augmentation, BatchLoader, DatasetSplits, load_dataset
 from cardkit.engine.checkpoint import (Checkpoint, has_checkpoint, load_checkpoint,
                                        save_checkpoint, write_json_atomic)
@@ -29,23 +37,45 @@ from cardkit.errors import CardkitError
 from cardkit.eval import RobustnessResult, evaluate_robustness
 from cardkit.models import create_model
 from cardkit.objectives import build_objective
+from cardkit.prune import (MaskGroup, method_config, prune_model, restore_masks, sparsity_report)
 from cardkit.train import Trainer, TrainState, build_optimizer
 from cardkit.train.trainer import derive_seed
 
 log = logging.getLogger(__name__)
 INIT_SEED = 7919  # a fixed stream of the run seed for weight initialisation
-# Keys that may change between runs of one run folder: they do not change what a stage computes.
+# Keys that may change between runs of one run folder: they do not change what the dense stages
+# compute. prune and finetune settings are checked per variant (variant.yaml).
 RESUME_SAFE_KEYS = ("pipeline", "evaluate", "device", "data.data_dir", "data.download",
-                    "data.eval_batch_size")
+                    "data.eval_batch_size", "prune", "finetune")
+
+
+@dataclass
+class Evaluation:
+    variant: str
+    model: dict[str, Any]
+    robustness: RobustnessResult
 
 
 @dataclass
 class RunResult:
     run_dir: Path
     dataset: str
-    model_summary: dict[str, Any] = field(default_factory=dict)
     history: dict[str, list[dict]] = field(default_factory=dict)
-    evaluation: Optional[RobustnessResult] = None
+    evaluations: list[Evaluation] = field(default_factory=list)
+
+
+@dataclass
+class _Run:
+    """What every stage of one run needs."""
+
+    config: RunConfig
+    splits: DatasetSplits
+    device: torch.device
+    progress: bool
+
+    def fresh_model(self) -> nn.Module:
+        torch.manual_seed(derive_seed(self.config.seed, INIT_SEED))
+        return build_model(self.config, self.splits).to(self.device)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -63,24 +93,53 @@ def run_pipeline(config: RunConfig, *, restart: bool = False, progress: bool = F
     _check_run_dir(run_dir, config, restart)
     splits = load_data(config)  # before the run folder is written: a data error leaves nothing behind
     _write_config(run_dir, config)
-    torch.manual_seed(derive_seed(config.seed, INIT_SEED))
-    model = build_model(config, splits).to(device)
-    result = RunResult(run_dir, config.data.name, model_summary=summarize_model(model))
-    last_train_stage = None
-    for stage_id, stage in enumerate(config.pipeline):
-        if stage in TRAIN_STAGES:
-            history = _train_stage(config, stage, stage_id, model, splits, device, progress)
-            result.history[stage] = history
-            last_train_stage = stage
-        else:
-            if last_train_stage is None:
-                raise CardkitError("the evaluate stage needs a training stage before it in the "
-                                   f"pipeline, got {config.pipeline}; or use `cardkit evaluate --checkpoint DIR`")
-            folder = run_dir / last_train_stage / "checkpoints"
-            checkpoint = load_checkpoint(folder, config.evaluate.checkpoint)
-            model.load_state_dict(checkpoint.model_state())
-            result.evaluation = _evaluate(config, model, splits, device, run_dir, checkpoint)
+    run = _Run(config, splits, device, progress)
+    result = RunResult(run_dir, config.data.name)
+    stages = config.pipeline
+    if "pretrain" in stages:
+        model = run.fresh_model()
+        result.history["pretrain"] = _train_stage(run, "pretrain", run_dir / "pretrain", model, stage_id=0)
+        if "evaluate" in stages:
+            checkpoint = load_checkpoint(run_dir / "pretrain" / "checkpoints", config.evaluate.checkpoint)
+            load_model_state(model, checkpoint)
+            result.evaluations.append(_evaluate(run, "dense", model, run_dir, checkpoint))
+    if "prune" in stages:
+        for index, method in enumerate(config.prune.methods):
+            _run_variant(run, method, index, result)
     return result
+
+
+def _run_variant(run: _Run, method: Section, index: int, result: RunResult) -> None:
+    """prune -> finetune -> evaluate for one pruning method, from the pretrained weights."""
+    config, folder = run.config, run.config.run_dir / method.label
+    _check_variant(folder, config, method)
+    stage_id = lambda stage: STAGES.index(stage) + 100 * (index + 1)  # noqa: E731
+
+    model = run.fresh_model()
+    load_model_state(model, load_checkpoint(config.run_dir / "pretrain" / "checkpoints"))
+    setup = prune_model(model, method)
+    meta = {"pruning": method.model_dump(mode="json")}
+    if setup.trains:
+        before_save = setup.group.refresh  # the saved masks match the saved scores
+        result.history[f"{method.label}/prune"] = _train_stage(
+            run, "prune", folder / "prune", model, stage_id=stage_id("prune"), meta=meta,
+            before_save=before_save)
+    else:
+        _save_one_shot(folder / "prune", model, config, meta)
+    last_stage = "prune"
+    if "finetune" in config.pipeline:
+        model = run.fresh_model()
+        group = restore_masks(model, method)
+        start = load_checkpoint(folder / "prune" / "checkpoints")
+        result.history[f"{method.label}/finetune"] = _train_stage(
+            run, "finetune", folder / "finetune", model, stage_id=stage_id("finetune"), meta=meta,
+            start=start, group=group)
+        last_stage = "finetune"
+    if "evaluate" in config.pipeline:
+        pointer = config.evaluate.checkpoint if last_stage == "finetune" else "last"
+        checkpoint = load_checkpoint(folder / last_stage / "checkpoints", pointer)
+        model = model_from_checkpoint(checkpoint).to(run.device)
+        result.evaluations.append(_evaluate(run, method.label, model, folder, checkpoint))
 
 
 def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), *, pointer: str = "last") -> RunResult:
@@ -88,23 +147,28 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), *, pointer:
     checkpoint = _find_checkpoint(Path(path), pointer)
     config = validate_config(checkpoint.meta["config"], list(overrides))
     device = resolve_device(config.device)
-    splits = load_data(config)
+    run = _Run(config, load_data(config), device, progress=False)
     model = model_from_checkpoint(checkpoint).to(device)
-    run_dir = checkpoint.path.parents[2]
-    result = RunResult(run_dir, config.data.name, model_summary=summarize_model(model))
-    result.evaluation = _evaluate(config, model, splits, device, run_dir, checkpoint)
+    folder = checkpoint.path.parents[2]  # <folder>/<stage>/checkpoints/<checkpoint>
+    pruning = checkpoint.meta.get("pruning")
+    variant = method_config(**pruning).label if pruning else "dense"
+    result = RunResult(folder, config.data.name)
+    result.evaluations.append(_evaluate(run, variant, model, folder, checkpoint))
     return result
 
 
 def read_results(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
-    """The evaluation results of finished runs, one dict per run, for a report table."""
+    """The evaluation results under run folders (the dense model's and every variant's)."""
     rows = []
     for run_dir in map(Path, run_dirs):
-        file = run_dir / "evaluate" / "metrics.json"
-        if not file.is_file():
-            raise CardkitError(f"no evaluation results in '{run_dir}' (expected {file}); run "
-                               f"`cardkit run CONFIG` or `cardkit evaluate --checkpoint {run_dir}` first")
-        rows.append({"run": run_dir.name, **json.loads(file.read_text())})
+        files = sorted({*run_dir.glob("evaluate/metrics.json"), *run_dir.glob("*/evaluate/metrics.json")},
+                       key=lambda f: (f.parent.parent != run_dir, str(f)))
+        if not files:
+            raise CardkitError(f"no evaluation results in '{run_dir}' (expected "
+                               f"{run_dir / 'evaluate' / 'metrics.json'}); run `cardkit run CONFIG` or "
+                               f"`cardkit evaluate --checkpoint {run_dir}` first")
+        run = run_dir.name if (run_dir / "config.yaml").is_file() else run_dir.parent.name
+        rows += [{"run": run, **json.loads(file.read_text())} for file in files]
     return rows
 
 
@@ -127,46 +191,75 @@ def build_model(config: RunConfig, splits: DatasetSplits) -> nn.Module:
 
 
 def model_from_checkpoint(checkpoint: Checkpoint) -> nn.Module:
-    """Rebuild the architecture recorded in the checkpoint, then load its weights."""
+    """Rebuild the architecture recorded in the checkpoint (masked if it was pruned), then load
+    its weights."""
     arch = checkpoint.meta["arch"]
     model = create_model(arch["name"], num_classes=arch["num_classes"], in_channels=arch["in_channels"],
                          input_size=arch["input_size"], mean=arch["mean"], std=arch["std"],
                          **arch.get("kwargs", {}))
-    model.load_state_dict(checkpoint.model_state())
+    pruning = checkpoint.meta.get("pruning")
+    group = restore_masks(model, method_config(**pruning)) if pruning else None
+    load_model_state(model, checkpoint)
+    if group is not None:
+        group.enforce()  # score-trained checkpoints keep dense weights: bake the masks in
     return model
 
 
-def summarize_model(model: nn.Module) -> dict[str, Any]:
-    params = sum(p.numel() for p in model.parameters())
-    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    return {"name": model.arch["name"], "parameters": params, "size_bytes": size}
-
-
-def _train_stage(config, stage, stage_id, model, splits, device, progress) -> list[dict]:
-    stage_config = getattr(config, stage)
-    folder = config.run_dir / stage
-    checkpoints = folder / "checkpoints"
-    optimizer = build_optimizer(model.parameters(), stage_config.optimizer)
-    state = TrainState()
-    if has_checkpoint(checkpoints):
-        checkpoint = load_checkpoint(checkpoints)
+def load_model_state(model: nn.Module, checkpoint: Checkpoint) -> None:
+    """Load a checkpoint's weights; an architecture mismatch is a user error that names both."""
+    try:
         model.load_state_dict(checkpoint.model_state())
-        optimizer.load_state_dict(checkpoint.optimizer_state())
-        state = TrainState(**checkpoint.meta["state"], rng=checkpoint.rng_state())
-        log.info("%s: resuming at epoch %d, batch %d from %s", stage, state.epoch + 1, state.batch,
-                 checkpoint.path)
+    except RuntimeError as err:
+        built, saved = getattr(model, "arch", {}).get("name"), checkpoint.meta.get("arch", {}).get("name")
+        detail = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+        raise CardkitError(f"checkpoint '{checkpoint.path}' holds a {saved} model that does not fit the "
+                           f"{built} model the config builds ({detail}); use the config the checkpoint "
+                           f"was trained with") from None
+
+
+def summarize_model(model: nn.Module) -> dict[str, Any]:
+    params = sum(p.numel() for name, p in model.named_parameters() if not name.endswith(".scores"))
+    report = sparsity_report(model)
+    return {"name": model.arch["name"], "parameters": params, "sparsity": report["sparsity"],
+            "kept_parameters": report["kept_parameters"], "size_bytes": report["effective_bytes"]}
+
+
+def _train_stage(run: _Run, stage: str, folder: Path, model: nn.Module, *, stage_id: int,
+                 meta: dict | None = None, start: Checkpoint | None = None,
+                 group: MaskGroup | None = None,
+                 before_save: Callable[[], None] | None = None) -> list[dict]:
+    """Train `model` for one stage in `folder`, resuming from its own checkpoint if there is one,
+    else starting from `start`. With a frozen mask `group`, pruned weights are zeroed after every
+    optimizer step so that momentum and weight decay cannot revive them."""
+    config = run.config
+    stage_config = getattr(config, stage)
+    checkpoints = folder / "checkpoints"
+    own = load_checkpoint(checkpoints) if has_checkpoint(checkpoints) else None
+    if own is None and start is not None:
+        load_model_state(model, start)
+    if group is not None:
+        group.enforce()
+    optimizer = build_optimizer(model.parameters(), stage_config.optimizer)
+    if group is not None:
+        optimizer.register_step_post_hook(lambda *_: group.enforce())
+    state = TrainState()
+    if own is not None:
+        load_model_state(model, own)
+        optimizer.load_state_dict(own.optimizer_state())
+        state = TrainState(**own.meta["state"], rng=own.rng_state())
+        log.info("%s: resuming at epoch %d, batch %d from %s", stage, state.epoch + 1, state.batch, own.path)
     history = _read_history(folder / "metrics.jsonl", state.epoch)
     if state.epoch >= stage_config.epochs:
-        log.info("%s: already complete (%d epochs)", stage, state.epoch)
+        log.info("%s: already complete (%d epochs)", folder.relative_to(config.run_dir), state.epoch)
         return history
     augmentation = Augmentation(crop_padding=config.data.crop_padding, hflip=config.data.hflip)
     memory_format = torch.channels_last if config.model.channels_last else torch.contiguous_format
-    loader = BatchLoader(splits.train, config.data.batch_size, shuffle=True, augmentation=augmentation,
-                         device=device, drop_last=len(splits.train) > config.data.batch_size,
+    loader = BatchLoader(run.splits.train, config.data.batch_size, shuffle=True, augmentation=augmentation,
+                         device=run.device, drop_last=len(run.splits.train) > config.data.batch_size,
                          memory_format=memory_format)
-    eval_split = "val" if splits.val is not None else "test"
-    eval_data = _subset(getattr(splits, eval_split), stage_config.eval_samples, config.seed)
-    eval_loader = BatchLoader(eval_data, config.data.eval_batch_size, device=device)
+    eval_split = "val" if run.splits.val is not None else "test"
+    eval_data = _subset(getattr(run.splits, eval_split), stage_config.eval_samples, config.seed)
+    eval_loader = BatchLoader(eval_data, config.data.eval_batch_size, device=run.device)
     threat = Threat(config.threat.norm, config.threat.eps)
 
     def evaluate(net):
@@ -174,37 +267,59 @@ def _train_stage(config, stage, stage_id, model, splits, device, progress) -> li
                                    split=eval_split)
 
     def save(state: TrainState, row: dict | None, is_best: bool):
+        if before_save is not None:
+            before_save()
         if row is not None:
             _append_jsonl(folder / "metrics.jsonl", row)
-        meta = {"stage": stage, "state": state.to_meta(), "arch": model.arch,
-                "config": config.model_dump(mode="json"), "metrics": row}
-        save_checkpoint(checkpoints, model_state=model.state_dict(), meta=meta,
+        save_checkpoint(checkpoints, model_state=model.state_dict(),
+                        meta=_checkpoint_meta(stage, state, model, config, row, meta),
                         optimizer_state=optimizer.state_dict(), rng=state.rng,
                         pointers=("last", "best") if is_best else ("last",))
 
     forward_model = torch.compile(model) if config.model.compile else model
+    describe = str(folder.relative_to(config.run_dir))
     trainer = Trainer(model, build_objective(stage_config.objective, threat), stage_config, loader,
                       optimizer, seed=config.seed, stage_id=stage_id, evaluate=evaluate, save=save,
-                      forward_model=forward_model, progress=progress, describe=stage)
+                      forward_model=forward_model, progress=run.progress, describe=describe)
     state.history = history
     return trainer.fit(state).history
 
 
-def _evaluate(config, model, splits, device, run_dir, checkpoint) -> RobustnessResult:
+def _save_one_shot(folder: Path, model: nn.Module, config: RunConfig, meta: dict) -> None:
+    """The prune stage of a method that trains nothing: one checkpoint of the masked model."""
+    checkpoints = folder / "checkpoints"
+    if has_checkpoint(checkpoints):
+        return
+    state = TrainState()
+    save_checkpoint(checkpoints, model_state=model.state_dict(),
+                    meta=_checkpoint_meta("prune", state, model, config, None, meta),
+                    pointers=("last", "best"))
+
+
+def _checkpoint_meta(stage: str, state: TrainState, model: nn.Module, config: RunConfig,
+                     row: dict | None, extra: dict | None) -> dict:
+    return {"stage": stage, "state": state.to_meta(), "arch": model.arch,
+            "config": config.model_dump(mode="json"), "metrics": row, **(extra or {})}
+
+
+def _evaluate(run: _Run, variant: str, model: nn.Module, folder: Path,
+              checkpoint: Checkpoint) -> Evaluation:
+    config = run.config
     ev = config.evaluate
-    split = getattr(splits, ev.split)
-    data = _subset(split, ev.samples, config.seed)
-    loader = BatchLoader(data, config.data.eval_batch_size, device=device)
+    data = _subset(getattr(run.splits, ev.split), ev.samples, config.seed)
+    loader = BatchLoader(data, config.data.eval_batch_size, device=run.device)
     threat = Threat(ev.attack.norm or config.threat.norm,
                     config.threat.eps if ev.attack.eps is None else ev.attack.eps)
     torch.manual_seed(config.seed)
     result = evaluate_robustness(model, loader.epoch(), threat, steps=ev.attack.steps,
                                  restarts=ev.attack.restarts, step_size=ev.attack.step_size,
                                  split=ev.split)
-    write_json_atomic(run_dir / "evaluate" / "metrics.json", {
-        "checkpoint": str(checkpoint.path), "dataset": config.data.name,
-        "model": summarize_model(model), "robustness": result.to_dict()})
-    return result
+    summary = summarize_model(model)
+    write_json_atomic(folder / "evaluate" / "metrics.json", {
+        "variant": variant, "checkpoint": str(checkpoint.path), "dataset": config.data.name,
+        "model": summary, "pruning": checkpoint.meta.get("pruning"),
+        "robustness": result.to_dict(), "layers": sparsity_report(model)["layers"]})
+    return Evaluation(variant, summary, result)
 
 
 def _subset(data: ArrayDataset, n: int | None, seed: int) -> ArrayDataset:
@@ -217,17 +332,38 @@ def _subset(data: ArrayDataset, n: int | None, seed: int) -> ArrayDataset:
 
 def _check_run_dir(run_dir: Path, config: RunConfig, restart: bool) -> None:
     """Refuse to resume a run folder whose training-relevant config differs."""
-    saved = run_dir / "config.yaml"
     if restart and run_dir.exists():
         shutil.rmtree(run_dir)
-    if saved.is_file():
-        previous = yaml.safe_load(saved.read_text())
-        changed = [k for k in _changed_keys(previous, config.model_dump(mode="json"))
-                   if not any(k == safe or k.startswith(safe + ".") for safe in RESUME_SAFE_KEYS)]
-        if changed:
-            raise CardkitError(
-                f"'{run_dir}' holds a run with a different config ({', '.join(changed[:3])} changed); "
-                f"pass --restart to start it over, or choose another name with --set name=NEW")
+    _check_same(run_dir / "config.yaml", config.model_dump(mode="json"), RESUME_SAFE_KEYS, run_dir)
+
+
+def _check_variant(folder: Path, config: RunConfig, method: Section) -> None:
+    """A variant folder resumes only with the prune and finetune settings it was started with."""
+    settings = {"method": method.model_dump(mode="json"),
+                "prune": config.prune.model_dump(mode="json", exclude={"methods"}),
+                "finetune": config.finetune.model_dump(mode="json")}
+    if "finetune" not in config.pipeline:
+        settings.pop("finetune")
+    _check_same(folder / "variant.yaml", settings, (), folder, ignore_missing=("finetune",))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "variant.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+
+
+def _check_same(saved: Path, current: dict, safe: tuple[str, ...], folder: Path,
+                ignore_missing: tuple[str, ...] = ()) -> None:
+    if not saved.is_file():
+        return
+    previous = yaml.safe_load(saved.read_text()) or {}
+    for key in ignore_missing:
+        if key not in current or key not in previous:
+            previous.pop(key, None)
+            current = {k: v for k, v in current.items() if k != key}
+    changed = [k for k in _changed_keys(previous, current)
+               if not any(k == s or k.startswith(s + ".") for s in safe)]
+    if changed:
+        raise CardkitError(
+            f"'{folder}' holds a run with a different config ({', '.join(changed[:3])} changed); "
+            f"pass --restart to start it over, or choose another name with --set name=NEW")
 
 
 def _write_config(run_dir: Path, config: RunConfig) -> None:
@@ -245,20 +381,17 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def _find_checkpoint(path: Path, pointer: str) -> Checkpoint:
-    """Accept a checkpoint folder, a stage's checkpoints folder, a stage folder or a run folder."""
+    """Accept a checkpoint folder, a stage's checkpoints folder, a stage folder, a variant folder
+    or a run folder (its dense model)."""
     if not path.exists():
         raise CardkitError(f"checkpoint path '{path}' does not exist; give a run folder such as runs/quickstart")
     candidates = [path, path / "checkpoints"]
-    config_file = path / "config.yaml"
-    if config_file.is_file():  # a run folder: its last training stage
-        pipeline = yaml.safe_load(config_file.read_text()).get("pipeline", [])
-        stages = [s for s in pipeline if s in TRAIN_STAGES]
-        candidates += [path / s / "checkpoints" for s in reversed(stages)]
+    candidates += [path / stage / "checkpoints" for stage in reversed(TRAIN_STAGES)]
     for candidate in candidates:
         if (candidate / "meta.json").is_file() or has_checkpoint(candidate, pointer):
             return load_checkpoint(candidate, pointer)
-    raise CardkitError(f"no checkpoint found in '{path}'; give a run folder (runs/NAME), a stage's "
-                       f"checkpoints folder or a checkpoint folder")
+    raise CardkitError(f"no checkpoint found in '{path}'; give a run folder (runs/NAME), a variant "
+                       f"folder (runs/NAME/hydra-0.9), a stage's checkpoints folder or a checkpoint folder")
 
 
 def _read_history(path: Path, epochs_done: int) -> list[dict]:

@@ -1,0 +1,13 @@
+"""The pruning engine: masked layers, pruning methods and sparsity accounting."""
+
+from cardkit.prune.masked import (MaskedConv2d, MaskedLayer, MaskedLinear, MaskGroup, add_masks,
+                                  kept_count, masked_layers, prunable_layers)
+from cardkit.prune.methods import (METHOD_CONFIGS, HydraConfig, MagnitudeConfig, PruneSetup,
+                                   method_config, method_names, prune_model, register_method,
+                                   restore_masks)
+from cardkit.prune.report import sparsity_report
+
+__all__ = ["MaskedConv2d", "MaskedLayer", "MaskedLinear", "MaskGroup", "add_masks", "kept_count",
+           "masked_layers", "prunable_layers", "METHOD_CONFIGS", "HydraConfig", "MagnitudeConfig",
+           "PruneSetup", "method_config", "method_names", "prune_model", "register_method",
+           "restore_masks", "sparsity_report"]

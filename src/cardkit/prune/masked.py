@@ -1,0 +1,155 @@
+"""One masking mechanism for every Conv2d and Linear weight.
+
+A prunable layer is swapped in place for its masked subclass, which holds a `scores` tensor (one
+score per weight) and a `mask` buffer. Masks come from scores: the top-k per layer (scope `layer`)
+or one global top-k over all layers (scope `global`), with k = round((1 - sparsity) x n) exactly.
+A `MaskGroup` owns the layers of one model and recomputes the masks only when some score tensor
+has changed (its in-place version counter moved, i.e. once per optimizer step), so the forwards of
+a PGD attack inside one step reuse the cached masks. Gradients reach the scores through a
+straight-through estimator. A frozen mask is baked into the weights: the forward is the plain
+layer's, and the pruned weights are zeroed again after every optimizer step.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Scope = Literal["layer", "global"]
+
+
+class MaskedLayer:
+    """Mixin for the masked Conv2d / Linear. `weight` keeps its name, shape and meaning."""
+
+    scores: nn.Parameter
+    mask: torch.Tensor
+    binary: bool
+
+    def _init_mask_state(self) -> None:
+        self.scores = nn.Parameter(self.weight.detach().abs().clone(), requires_grad=False)
+        self.register_buffer("mask", torch.ones_like(self.weight))
+        self.binary = False  # biprop: the weight used is alpha x sign(weight) x mask
+        object.__setattr__(self, "group", None)  # plain attribute: not a submodule
+
+    def effective_weight(self) -> torch.Tensor:
+        group = self.group
+        if group is not None:
+            group.refresh()
+        if self.scores.requires_grad:
+            # Straight-through: the forward sees the 0/1 mask, the backward passes the mask's
+            # gradient to the scores unchanged.
+            mask = self.mask + (self.scores - self.scores.detach())
+        elif not self.binary:
+            return self.weight  # frozen: the mask is baked into the weight
+        else:
+            mask = self.mask
+        weight = self.weight
+        if self.binary:
+            weight = binary_scale(weight, self.mask) * weight.sign()
+        return weight * mask
+
+
+def binary_scale(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """alpha = mean |W| over the kept weights of the layer."""
+    return (weight.detach().abs() * mask).sum() / mask.sum().clamp_min(1)
+
+
+class MaskedConv2d(MaskedLayer, nn.Conv2d):
+    def forward(self, x):
+        return self._conv_forward(x, self.effective_weight(), self.bias)
+
+
+class MaskedLinear(MaskedLayer, nn.Linear):
+    def forward(self, x):
+        return F.linear(x, self.effective_weight(), self.bias)
+
+
+_MASKED = {nn.Conv2d: MaskedConv2d, nn.Linear: MaskedLinear}
+
+
+def prunable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every Conv2d and Linear (masked or not), in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            yield name, module
+
+
+def add_masks(model: nn.Module) -> list[MaskedLayer]:
+    """Swap every Conv2d / Linear for its masked subclass, in place (parameters are kept)."""
+    layers = []
+    for _, module in prunable_layers(model):
+        if not isinstance(module, MaskedLayer):
+            module.__class__ = _MASKED[type(module)]
+            module._init_mask_state()
+        layers.append(module)
+    return layers
+
+
+def masked_layers(model: nn.Module) -> list[MaskedLayer]:
+    return [m for _, m in prunable_layers(model) if isinstance(m, MaskedLayer)]
+
+
+def kept_count(n: int, sparsity: float) -> int:
+    return int(round((1.0 - sparsity) * n))
+
+
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """A 0/1 mask (float, scores' shape) with exactly k ones at the largest scores."""
+    flat = torch.zeros(scores.numel(), device=scores.device, dtype=torch.float32)
+    if k > 0:
+        flat[torch.topk(scores.reshape(-1), k, sorted=False).indices] = 1.0
+    return flat.view_as(scores)
+
+
+class MaskGroup:
+    """The masks of one model: computed from |scores| at a sparsity and scope, cached per step."""
+
+    def __init__(self, layers: Iterable[MaskedLayer], sparsity: float, scope: Scope = "layer"):
+        self.layers = list(layers)
+        self.sparsity = sparsity
+        self.scope = scope
+        self.frozen = False
+        self._versions: tuple[int, ...] | None = None
+        for layer in self.layers:
+            object.__setattr__(layer, "group", self)
+
+    def refresh(self) -> None:
+        """Recompute the masks if any score tensor changed since the last computation."""
+        if self.frozen:
+            return
+        versions = tuple(layer.scores._version for layer in self.layers)
+        if versions != self._versions:
+            self.recompute()
+            self._versions = tuple(layer.scores._version for layer in self.layers)
+
+    @torch.no_grad()
+    def recompute(self) -> None:
+        if self.scope == "layer":
+            for layer in self.layers:
+                layer.mask.copy_(top_k_mask(layer.scores.abs(), kept_count(layer.scores.numel(), self.sparsity)))
+            return
+        scores = torch.cat([layer.scores.detach().abs().reshape(-1) for layer in self.layers])
+        flat = top_k_mask(scores, kept_count(scores.numel(), self.sparsity))
+        for layer, part in zip(self.layers, flat.split([l.scores.numel() for l in self.layers])):
+            layer.mask.copy_(part.view_as(layer.mask))
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Fix the current masks; weights (unless binary) are multiplied by them once."""
+        self.refresh()
+        self.frozen = True
+        for layer in self.layers:
+            layer.scores.requires_grad_(False)
+            if not layer.binary:
+                layer.weight.mul_(layer.mask)
+
+    @torch.no_grad()
+    def enforce(self) -> None:
+        """Zero the pruned weights again (after an optimizer step: momentum or weight decay may
+        have moved them)."""
+        for layer in self.layers:
+            if not layer.binary:
+                layer.weight.mul_(layer.mask)

@@ -1,0 +1,134 @@
+"""Pruning methods: each is a config class (its `name` is the YAML tag) plus a handler.
+
+A handler turns a dense model into a masked one: it swaps in the masked layers, sets their scores,
+decides what trains during the prune stage (scores for HYDRA, nothing for one-shot magnitude
+pruning) and returns the model's `MaskGroup`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from cardkit.config_base import Section
+from cardkit.errors import CardkitError
+from cardkit.numbers import Number
+from cardkit.prune.masked import MaskGroup, add_masks
+
+NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
+
+
+class _MethodConfig(Section):
+    sparsity: Number = Field(..., ge=0, lt=1)  # fraction of weights removed: 0.99 keeps 1%
+    scope: Literal["layer", "global"] = "layer"
+
+    @property
+    def label(self) -> str:
+        """A run-folder name for this method and sparsity, e.g. hydra-0.9."""
+        return f"{self.name}-{self.sparsity:g}" + ("" if self.scope == "layer" else f"-{self.scope}")
+
+
+class MagnitudeConfig(_MethodConfig):
+    """One-shot least-weight-magnitude pruning (LWM; Sehwag et al. 2019 with robust fine-tuning)."""
+
+    name: Literal["magnitude"] = "magnitude"
+
+
+class HydraConfig(_MethodConfig):
+    """HYDRA (Sehwag et al. 2020): scores trained under the robust loss with weights frozen."""
+
+    name: Literal["hydra"] = "hydra"
+    train_norm: bool = False  # also train normalization layers while the scores train
+
+
+@dataclass
+class PruneSetup:
+    group: MaskGroup
+    trains: bool  # whether the prune stage trains anything (scores) before the mask is frozen
+
+
+Handler = Callable[[nn.Module, Section], PruneSetup]
+_HANDLERS: dict[type[Section], Handler] = {}
+METHOD_CONFIGS: list[type[Section]] = []
+
+
+def register_method(config_cls: type[Section]):
+    def decorate(handler: Handler) -> Handler:
+        _HANDLERS[config_cls] = handler
+        METHOD_CONFIGS.append(config_cls)
+        return handler
+
+    return decorate
+
+
+def method_names() -> list[str]:
+    return [cls.model_fields["name"].default for cls in METHOD_CONFIGS]
+
+
+def method_config(name: str, **fields) -> Section:
+    """Build a method config by name (for the CLI); unknown names suggest the closest."""
+    for cls in METHOD_CONFIGS:
+        if cls.model_fields["name"].default == name:
+            return cls(**fields)
+    close = difflib.get_close_matches(name, method_names(), n=2)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    raise CardkitError(f"unknown pruning method {name!r}; {hint}valid: {', '.join(method_names())}")
+
+
+def prune_model(model: nn.Module, config: Section) -> PruneSetup:
+    """Apply a pruning method to a dense model in place."""
+    return _HANDLERS[type(config)](model, config)
+
+
+def freeze_all(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+@register_method(MagnitudeConfig)
+def magnitude(model: nn.Module, config: MagnitudeConfig) -> PruneSetup:
+    layers = add_masks(model)
+    for layer in layers:
+        layer.scores.data.copy_(layer.weight.detach().abs())
+    group = MaskGroup(layers, config.sparsity, config.scope)
+    group.freeze()  # one shot: the mask is final and baked into the weights
+    return PruneSetup(group, trains=False)
+
+
+@register_method(HydraConfig)
+def hydra(model: nn.Module, config: HydraConfig) -> PruneSetup:
+    layers = add_masks(model)
+    freeze_all(model)
+    for layer in layers:
+        # Scaled magnitudes: the initial mask is LWM's, and the scores start on the scale of a
+        # Kaiming-uniform initialisation so that SGD moves them at a useful rate.
+        weight = layer.weight.detach()
+        fan_in = weight[0].numel()
+        layer.scores.data.copy_(math.sqrt(6.0 / fan_in) * weight / weight.abs().max().clamp_min(1e-12))
+        layer.scores.requires_grad_(True)
+    if config.train_norm:
+        for module in model.modules():
+            if isinstance(module, NORM_LAYERS):
+                for p in module.parameters():
+                    p.requires_grad_(True)
+    group = MaskGroup(layers, config.sparsity, config.scope)
+    group.refresh()
+    return PruneSetup(group, trains=True)
+
+
+def restore_masks(model: nn.Module, config: Section) -> MaskGroup:
+    """Rebuild the masked layers of a pruned model, before its state is loaded: the loaded masks
+    are then used as they are (frozen), and the weights, not the scores, train."""
+    group = prune_model(model, config).group
+    group.frozen = True
+    for p in model.parameters():
+        p.requires_grad_(True)
+    for layer in group.layers:
+        layer.scores.requires_grad_(False)
+    return group
