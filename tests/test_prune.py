@@ -1,0 +1,178 @@
+"""The masking mechanism and the pruning methods on tiny seeded models."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cardkit.attacks import Threat
+from cardkit.models import create_model
+from cardkit.objectives import PGDATConfig, build_objective
+from cardkit.prune import (HydraConfig, MagnitudeConfig, MaskGroup, kept_count, masked_layers,
+                           method_config, prune_model, restore_masks, sparsity_report)
+from cardkit.errors import CardkitError
+
+
+def model(name="cnn_small", seed=0):
+    torch.manual_seed(seed)
+    return create_model(name, num_classes=10, in_channels=1, input_size=8)
+
+
+def data(n=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+@pytest.mark.parametrize("method", [MagnitudeConfig, HydraConfig])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99, 0.999])
+def test_layer_scope_keeps_exactly_round_of_each_layer(method, sparsity):
+    net = model()
+    prune_model(net, method(sparsity=sparsity))
+    for layer in masked_layers(net):
+        kept = int(layer.mask.sum())
+        assert kept == kept_count(layer.weight.numel(), sparsity) == round((1 - sparsity) * layer.weight.numel())
+        assert set(layer.mask.unique().tolist()) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.9, 0.99])
+def test_global_scope_keeps_exactly_round_in_total_and_ranks_across_layers(sparsity):
+    net = model("cnn_large")
+    prune_model(net, MagnitudeConfig(sparsity=sparsity, scope="global"))
+    layers = masked_layers(net)
+    total = sum(l.weight.numel() for l in layers)
+    assert sum(int(l.mask.sum()) for l in layers) == round((1 - sparsity) * total)
+    smallest_kept = min(l.weight.abs()[l.mask.bool()].min() for l in layers if l.mask.any())
+    largest_pruned = max(l.weight.abs()[~l.mask.bool()].max() for l in layers if (~l.mask.bool()).any())
+    assert smallest_kept >= largest_pruned
+    report = sparsity_report(net)
+    assert report["sparsity"] == pytest.approx(1 - round((1 - sparsity) * total) / total)
+
+
+def test_magnitude_keeps_the_largest_weights_and_zeroes_the_rest():
+    net = model()
+    dense = {n: p.detach().clone() for n, p in net.named_parameters()}
+    prune_model(net, MagnitudeConfig(sparsity=0.8))
+    for name, layer in [(n, m) for n, m in net.named_modules() if m in masked_layers(net)]:
+        original = dense[f"{name}.weight"]
+        kept = layer.mask.bool()
+        assert torch.equal(layer.weight[kept], original[kept])
+        assert (layer.weight[~kept] == 0).all()
+        assert original.abs()[kept].min() >= original.abs()[~kept].max()
+
+
+def test_hydra_initial_mask_is_lwm_and_scores_are_scaled_magnitudes():
+    lwm, hydra = model(), model()
+    prune_model(lwm, MagnitudeConfig(sparsity=0.9))
+    prune_model(hydra, HydraConfig(sparsity=0.9))
+    for a, b in zip(masked_layers(lwm), masked_layers(hydra)):
+        assert torch.equal(a.mask, b.mask)
+        w = b.weight.detach()
+        expected = (6.0 / w[0].numel()) ** 0.5 * w / w.abs().max()
+        assert torch.allclose(b.scores, expected)
+
+
+def test_scores_get_gradients_and_frozen_weights_do_not():
+    net = model()
+    prune_model(net, HydraConfig(sparsity=0.9))
+    x, y = data()
+    F.cross_entropy(net(x), y).backward()
+    for layer in masked_layers(net):
+        assert layer.scores.grad is not None and layer.scores.grad.abs().sum() > 0
+        assert layer.weight.grad is None and not layer.weight.requires_grad
+        assert layer.bias.grad is None
+    norms = [m for m in create_model("resnet18", 10, 1, 8).modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    resnet = create_model("resnet18", 10, 1, 8)
+    prune_model(resnet, HydraConfig(sparsity=0.5, train_norm=True))
+    assert norms and all(p.requires_grad for m in resnet.modules()
+                         if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters())
+
+
+def test_straight_through_gradient_equals_the_masks_gradient(monkeypatch):
+    net = model()
+    prune_model(net, HydraConfig(sparsity=0.5))
+    layer = masked_layers(net)[-1]
+    captured = {}
+    original = type(layer).effective_weight
+
+    def capture(self):
+        weight = original(self)
+        if self is layer:
+            weight.retain_grad()
+            captured["weight"] = weight
+        return weight
+
+    monkeypatch.setattr(type(layer), "effective_weight", capture)
+    x, y = data()
+    F.cross_entropy(net(x), y).backward()
+    # effective = weight x mask, and the mask passes its gradient straight to the scores.
+    assert torch.allclose(layer.scores.grad, captured["weight"].grad * layer.weight, atol=1e-7)
+    pruned = layer.mask == 0
+    assert pruned.any() and layer.scores.grad[pruned].abs().sum() > 0, "pruned scores must learn too"
+
+
+def test_masks_are_computed_once_per_optimizer_step_not_per_forward(monkeypatch):
+    net = model()
+    setup = prune_model(net, HydraConfig(sparsity=0.9))
+    calls = {"n": 0}
+    original = MaskGroup.recompute
+
+    def counting(self):
+        calls["n"] += 1
+        return original(self)
+
+    monkeypatch.setattr(MaskGroup, "recompute", counting)
+    objective = build_objective(PGDATConfig(steps=10), Threat("linf", 0.1))
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    x, y = data()
+    for step in range(3):
+        loss = objective(net, x, y)["loss"]  # 11 forwards
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    # The first step uses the masks computed at set-up; steps 2 and 3 recompute once each, at their
+    # first forward after the score update; the other 10 forwards of each step reuse them.
+    assert calls["n"] == 2
+    masks_before = [l.mask.clone() for l in setup.group.layers]
+    setup.group.freeze()
+    net(x)
+    assert calls["n"] == 3  # freeze picks up the last update; frozen masks are never recomputed
+    net(x)
+    assert calls["n"] == 3
+    assert all(int(l.mask.sum()) == int(m.sum()) for l, m in zip(setup.group.layers, masks_before))
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 5e-4])
+def test_pruned_weights_stay_exactly_zero_through_finetuning(weight_decay):
+    net = model()
+    setup = prune_model(net, HydraConfig(sparsity=0.9))
+    x, y = data()
+    # Train the scores a little so the mask moves away from LWM's, then fine-tune under it.
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1.0)
+    for _ in range(5):
+        optimizer.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        optimizer.step()
+    finetuned = model()
+    group = restore_masks(finetuned, HydraConfig(sparsity=0.9))
+    finetuned.load_state_dict(net.state_dict())
+    group.enforce()
+    optimizer = torch.optim.SGD(finetuned.parameters(), lr=0.1, momentum=0.9, weight_decay=weight_decay)
+    optimizer.register_step_post_hook(lambda *_: group.enforce())
+    for _ in range(10):
+        optimizer.zero_grad()
+        F.cross_entropy(finetuned(x), y).backward()
+        optimizer.step()
+    for layer in group.layers:
+        assert (layer.weight[layer.mask == 0] == 0).all()
+        assert (layer.weight[layer.mask == 1] != 0).all()
+        assert not layer.scores.requires_grad
+    assert all(torch.equal(a.mask, b.mask) for a, b in zip(group.layers, setup.group.layers))
+
+
+def test_method_lookup_suggests_close_names_and_checks_sparsity():
+    assert isinstance(method_config("hydra", sparsity=0.5), HydraConfig)
+    with pytest.raises(CardkitError, match="did you mean 'hydra'"):
+        method_config("hydr", sparsity=0.5)
+    with pytest.raises(Exception, match="less than 1"):
+        MagnitudeConfig(sparsity=1.0)
+    with pytest.raises(Exception, match="greater than or equal to 0"):
+        MagnitudeConfig(sparsity=-0.1)
