@@ -68,6 +68,20 @@ def _parser() -> argparse.ArgumentParser:
                           help="override a key of the stored config, e.g. data.data_dir=/data")
     evaluate.set_defaults(handler=_evaluate)
 
+    prune = commands.add_parser("prune", help="prune a trained model, fine-tune and evaluate it",
+                                epilog=EPILOG)
+    prune.add_argument("--checkpoint", required=True, metavar="DIR",
+                       help="a run folder (runs/NAME) or its pretrain checkpoint")
+    prune.add_argument("--method", required=True, help="pruning method, e.g. magnitude or hydra")
+    prune.add_argument("--sparsity", required=True, help="fraction of weights removed, e.g. 0.99")
+    prune.add_argument("--scope", choices=["layer", "global"], default="layer",
+                       help="same sparsity in every layer, or one global threshold")
+    prune.add_argument("--no-finetune", action="store_true", help="skip fine-tuning under the mask")
+    prune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a key of the stored config, e.g. prune.epochs=20")
+    prune.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    prune.set_defaults(handler=_prune)
+
     report = commands.add_parser("report", help="a results table of finished runs", epilog=EPILOG)
     report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, e.g. runs/quickstart")
     report.add_argument("--markdown", action="store_true", help="print a Markdown table")
@@ -115,6 +129,23 @@ def _evaluate(args) -> int:
     overrides = list(args.overrides) + [f"{key}={getattr(args, flag)}" for flag, key in flags.items()
                                         if getattr(args, flag) is not None]
     result = evaluate_checkpoint(args.checkpoint, overrides, pointer="best" if args.best else "last")
+    _print_result(result)
+    return 0
+
+
+def _prune(args) -> int:
+    from cardkit.engine import prune_checkpoint
+    from cardkit.numbers import parse_number
+    from cardkit.prune import method_config
+
+    try:
+        method = method_config(args.method, sparsity=parse_number(args.sparsity), scope=args.scope)
+    except ValueError as err:  # pydantic's ValidationError is a ValueError
+        problem = err.errors()[0] if hasattr(err, "errors") else {"msg": str(err)}
+        raise CardkitError(f"--sparsity {args.sparsity}: {problem['msg']} (sparsity is the fraction "
+                           f"of weights removed, in [0, 1))") from None
+    result = prune_checkpoint(args.checkpoint, method, args.overrides, finetune=not args.no_finetune,
+                              progress=not args.no_progress)
     _print_result(result)
     return 0
 

@@ -87,7 +87,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def run_pipeline(config: RunConfig, *, restart: bool = False, progress: bool = False) -> RunResult:
+def run_pipeline(config: RunConfig, *, restart: bool = False, progress: bool = False,
+                 evaluate_dense: bool = True) -> RunResult:
     run_dir = config.run_dir
     device = resolve_device(config.device)
     _check_run_dir(run_dir, config, restart)
@@ -99,7 +100,7 @@ def run_pipeline(config: RunConfig, *, restart: bool = False, progress: bool = F
     if "pretrain" in stages:
         model = run.fresh_model()
         result.history["pretrain"] = _train_stage(run, "pretrain", run_dir / "pretrain", model, stage_id=0)
-        if "evaluate" in stages:
+        if "evaluate" in stages and evaluate_dense:
             checkpoint = load_checkpoint(run_dir / "pretrain" / "checkpoints", config.evaluate.checkpoint)
             load_model_state(model, checkpoint)
             result.evaluations.append(_evaluate(run, "dense", model, run_dir, checkpoint))
@@ -140,6 +141,28 @@ def _run_variant(run: _Run, method: Section, index: int, result: RunResult) -> N
         checkpoint = load_checkpoint(folder / last_stage / "checkpoints", pointer)
         model = model_from_checkpoint(checkpoint).to(run.device)
         result.evaluations.append(_evaluate(run, method.label, model, folder, checkpoint))
+
+
+def prune_checkpoint(path: str | Path, method: Section, overrides: list[str] = (), *,
+                     finetune: bool = True, progress: bool = False) -> RunResult:
+    """Prune the dense model of a run folder with one method (then fine-tune and evaluate it),
+    with the config stored in the run (overrides apply to it)."""
+    checkpoint = _find_checkpoint(Path(path), "last")
+    if checkpoint.meta.get("pruning"):
+        raise CardkitError(f"checkpoint '{checkpoint.path}' is already pruned "
+                           f"({method_config(**checkpoint.meta['pruning']).label}); give the run folder "
+                           f"or its pretrain checkpoint")
+    if checkpoint.meta.get("stage") != "pretrain":
+        raise CardkitError(f"checkpoint '{checkpoint.path}' is not a pretrain checkpoint; give a run folder")
+    stages = ["pretrain", "prune"] + (["finetune"] if finetune else []) + ["evaluate"]
+    methods = json.dumps([method.model_dump(mode="json")])
+    config = validate_config(checkpoint.meta["config"],
+                             list(overrides) + [f"pipeline={stages}", f"prune.methods={methods}"])
+    run_dir = checkpoint.path.parents[2]
+    if run_dir.resolve() != config.run_dir.resolve():  # a moved run folder: follow it
+        config = validate_config(config.model_dump(mode="json"),
+                                 [f"output_dir={run_dir.parent}", f"name={run_dir.name}"])
+    return run_pipeline(config, progress=progress, evaluate_dense=False)
 
 
 def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), *, pointer: str = "last") -> RunResult:
