@@ -10,6 +10,7 @@ from cardkit.objectives import PGDATConfig, build_objective
 from cardkit.prune import (HydraConfig, MagnitudeConfig, MaskGroup, kept_count, masked_layers,
                            method_config, prune_model, restore_masks, sparsity_report)
 from cardkit.errors import CardkitError
+from cardkit.prune.masked import binary_scale
 
 
 def model(name="cnn_small", seed=0):
@@ -103,8 +104,9 @@ def test_straight_through_gradient_equals_the_masks_gradient(monkeypatch):
     monkeypatch.setattr(type(layer), "effective_weight", capture)
     x, y = data()
     F.cross_entropy(net(x), y).backward()
-    # effective = weight x mask, and the mask passes its gradient straight to the scores.
-    assert torch.allclose(layer.scores.grad, captured["weight"].grad * layer.weight, atol=1e-7)
+    # effective = weight x mask(|scores|): the mask passes its gradient straight to |scores|.
+    expected = captured["weight"].grad * layer.weight * layer.scores.detach().sign()
+    assert torch.allclose(layer.scores.grad, expected, atol=1e-7)
     pruned = layer.mask == 0
     assert pruned.any() and layer.scores.grad[pruned].abs().sum() > 0, "pruned scores must learn too"
 
@@ -176,3 +178,30 @@ def test_method_lookup_suggests_close_names_and_checks_sparsity():
         MagnitudeConfig(sparsity=1.0)
     with pytest.raises(Exception, match="greater than or equal to 0"):
         MagnitudeConfig(sparsity=-0.1)
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.95])
+def test_biprop_layers_take_exactly_minus_alpha_zero_plus_alpha(sparsity):
+    net = model()
+    setup = prune_model(net, method_config("biprop", sparsity=sparsity))
+    x, y = data()
+    F.cross_entropy(net(x), y).backward()
+    for layer in setup.group.layers:
+        effective = layer.effective_weight().detach()
+        kept = layer.mask.bool()
+        alpha = binary_scale(layer.weight, layer.mask)
+        assert torch.allclose(alpha, layer.weight.detach().abs()[kept].mean())
+        assert set(effective.unique().tolist()) == {-alpha.item(), 0.0, alpha.item()}
+        assert (effective[~kept] == 0).all()
+        assert layer.scores.grad is not None and layer.weight.grad is None
+
+
+def test_edge_popup_freezes_random_signed_constant_weights():
+    net = model()
+    pretrained = [l.weight.detach().clone() for _, l in __import__("cardkit.prune", fromlist=["x"]).prunable_layers(net)]
+    setup = prune_model(net, method_config("edge_popup", sparsity=0.7))
+    for layer, before in zip(setup.group.layers, pretrained):
+        std = (2.0 / layer.weight[0].numel()) ** 0.5
+        assert torch.allclose(layer.weight.abs(), torch.full_like(layer.weight, std))
+        assert not torch.equal(layer.weight, before)
+        assert not layer.weight.requires_grad and layer.scores.requires_grad

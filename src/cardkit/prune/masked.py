@@ -39,9 +39,10 @@ class MaskedLayer:
         if group is not None:
             group.refresh()
         if self.scores.requires_grad:
-            # Straight-through: the forward sees the 0/1 mask, the backward passes the mask's
-            # gradient to the scores unchanged.
-            mask = self.mask + (self.scores - self.scores.detach())
+            # Straight-through: the forward sees the 0/1 mask of the top |scores|; the backward
+            # passes the mask's gradient to |scores| unchanged (so through abs to the scores).
+            magnitude = self.scores.abs()
+            mask = self.mask + (magnitude - magnitude.detach())
         elif not self.binary:
             return self.weight  # frozen: the mask is baked into the weight
         else:

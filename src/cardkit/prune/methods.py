@@ -47,6 +47,21 @@ class HydraConfig(_MethodConfig):
     train_norm: bool = False  # also train normalization layers while the scores train
 
 
+class EdgePopupConfig(_MethodConfig):
+    """edge-popup (Ramanujan et al. 2020): a subnetwork of a random, frozen network, found by
+    training only the scores."""
+
+    name: Literal["edge_popup"] = "edge_popup"
+    weight_init: Literal["signed_constant", "kaiming_normal"] = "signed_constant"
+
+
+class BipropConfig(_MethodConfig):
+    """biprop (Diffenderfer & Kailkhura 2021): binary weights alpha x sign(W) x mask, with
+    alpha = mean |W| over each layer's kept weights; W random and frozen, scores trained."""
+
+    name: Literal["biprop"] = "biprop"
+
+
 @dataclass
 class PruneSetup:
     group: MaskGroup
@@ -117,6 +132,37 @@ def hydra(model: nn.Module, config: HydraConfig) -> PruneSetup:
             if isinstance(module, NORM_LAYERS):
                 for p in module.parameters():
                     p.requires_grad_(True)
+    group = MaskGroup(layers, config.sparsity, config.scope)
+    group.refresh()
+    return PruneSetup(group, trains=True)
+
+
+@register_method(EdgePopupConfig)
+def edge_popup(model: nn.Module, config: EdgePopupConfig) -> PruneSetup:
+    return _random_subnetwork(model, config, config.weight_init, binary=False)
+
+
+@register_method(BipropConfig)
+def biprop(model: nn.Module, config: BipropConfig) -> PruneSetup:
+    return _random_subnetwork(model, config, "kaiming_normal", binary=True)
+
+
+@torch.no_grad()
+def _random_subnetwork(model: nn.Module, config: _MethodConfig, weight_init: str,
+                       binary: bool) -> PruneSetup:
+    """Random frozen weights (the trained ones are discarded) and trainable Kaiming-uniform scores."""
+    layers = add_masks(model)
+    freeze_all(model)
+    for layer in layers:
+        weight = layer.weight
+        std = math.sqrt(2.0 / weight[0].numel())  # Kaiming normal, fan-in, ReLU gain
+        weight.normal_(0.0, std)
+        if weight_init == "signed_constant":
+            weight.copy_(weight.sign() * std)
+        bound = 1.0 / math.sqrt(weight[0].numel())  # Kaiming uniform with a = sqrt(5), as nn.Linear
+        layer.scores.uniform_(-bound, bound)
+        layer.scores.requires_grad_(True)
+        layer.binary = binary
     group = MaskGroup(layers, config.sparsity, config.scope)
     group.refresh()
     return PruneSetup(group, trains=True)
