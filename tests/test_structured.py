@@ -142,6 +142,15 @@ def test_rebuilt_model_equals_masked_model(name, channels, size):
     assert "structured" not in net.arch and params(net) > params(smaller)
 
 
+@pytest.mark.parametrize("name", ["vgg16_bn", "wrn"])
+def test_global_scope_masks_rebuild_too(name):
+    net = build(name, 3, 32)
+    masks = channel_masks(net, 0.8, scope="global")
+    x = inputs(3, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuild(net, masks)(x), masked_copy(net, masks)(x), atol=1e-5, rtol=1e-5)
+
+
 def expected_params(net, masks):
     """Each Conv2d / Linear keeps out' x in' weights, where a removed channel takes away one row
     of its layer, the BN pair after it, and its inputs (one slice for a conv, h*w columns for a

@@ -26,6 +26,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from cardkit.errors import CardkitError
+from cardkit.models import create_model
 from cardkit.prune.masked import MaskedLayer, kept_count, prunable_layers
 
 Source = Literal["weight", "scores"]
@@ -145,8 +146,6 @@ def create_structured(arch: dict) -> nn.Module:
 
     `create_model(**arch)` rejects the "structured" entry; use this for such an arch.
     """
-    from cardkit.models import create_model  # models import prune code; keep the import lazy
-
     if not isinstance(arch, dict) or not isinstance(arch.get("structured", {}), dict):
         raise CardkitError(f"arch={arch!r} is invalid; pass the `arch` dict of a rebuilt model")
     base = create_model(**{k: v for k, v in arch.items() if k != "structured"})
