@@ -48,6 +48,13 @@ def test_fraction_eps_and_overrides_are_type_checked():
     ({}, ["nosuch.key=1"], ["nosuch", "not a config section"]),
     ({}, ["pretrain"], ["--set expects section.key=value"]),
     ({}, ["evaluate.split=val"], ["no validation split"]),
+    ({}, ["pipeline=[pretrain, finetune]"], ["keeps the masks of a prune stage", "add prune"]),
+    ({}, ["pipeline=[pretrain, prune]"], ["needs at least one method"]),
+    ({}, ["prune.methods=[{name: hydra, sparsity: 1.0}]"], ["prune.methods.0.sparsity", "less than 1"]),
+    ({}, ["prune.methods=[{name: hydra, sparsity: -0.5}]"], ["prune.methods.0.sparsity", "greater than or equal"]),
+    ({}, ["prune.methods=[{name: hydar, sparsity: 0.5}]"], ["unknown pruning method 'hydar'", "did you mean 'hydra'"]),
+    ({}, ["prune.methods=[{name: biprop, sparsity: 0.5, scope: structured}]"], ["magnitude and hydra"]),
+    ({}, ["pipeline=[prune, pretrain]"], ["order"]),
 ])
 def test_bad_values_give_one_line_naming_key_value_and_valid(raw, overrides, expected):
     message = error_of(raw, overrides)

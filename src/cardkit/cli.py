@@ -74,8 +74,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="a run folder (runs/NAME) or its pretrain checkpoint")
     prune.add_argument("--method", required=True, help="pruning method, e.g. magnitude or hydra")
     prune.add_argument("--sparsity", required=True, help="fraction of weights removed, e.g. 0.99")
-    prune.add_argument("--scope", choices=["layer", "global"], default="layer",
-                       help="same sparsity in every layer, or one global threshold")
+    prune.add_argument("--scope", choices=["layer", "global", "structured"], default="layer",
+                       help="same sparsity in every layer, one global threshold, or whole channels "
+                            "removed and the model rebuilt smaller")
     prune.add_argument("--no-finetune", action="store_true", help="skip fine-tuning under the mask")
     prune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a key of the stored config, e.g. prune.epochs=20")
@@ -142,8 +143,10 @@ def _prune(args) -> int:
         method = method_config(args.method, sparsity=parse_number(args.sparsity), scope=args.scope)
     except ValueError as err:  # pydantic's ValidationError is a ValueError
         problem = err.errors()[0] if hasattr(err, "errors") else {"msg": str(err)}
-        raise CardkitError(f"--sparsity {args.sparsity}: {problem['msg']} (sparsity is the fraction "
-                           f"of weights removed, in [0, 1))") from None
+        key = problem.get("loc", ["sparsity"])[0]
+        hint = " (sparsity is the fraction of weights removed, in [0, 1))" if key == "sparsity" else ""
+        raise CardkitError(f"--{key} given {problem.get('input')!r}: "
+                           f"{problem['msg'].removeprefix('Value error, ')}{hint}") from None
     result = prune_checkpoint(args.checkpoint, method, args.overrides, finetune=not args.no_finetune,
                               progress=not args.no_progress)
     _print_result(result)

@@ -37,7 +37,9 @@ from cardkit.errors import CardkitError
 from cardkit.eval import RobustnessResult, evaluate_robustness
 from cardkit.models import create_model
 from cardkit.objectives import build_objective
-from cardkit.prune import (MaskGroup, method_config, prune_model, restore_masks, sparsity_report)
+from cardkit.prune import (MaskGroup, method_config, prune_model, restore_masks, sparsity_report,
+                           to_structured)
+from cardkit.prune.structured import create_structured
 from cardkit.train import Trainer, TrainState, build_optimizer
 from cardkit.train.trainer import derive_seed
 
@@ -119,22 +121,24 @@ def _run_variant(run: _Run, method: Section, index: int, result: RunResult) -> N
     model = run.fresh_model()
     load_model_state(model, load_checkpoint(config.run_dir / "pretrain" / "checkpoints"))
     setup = prune_model(model, method)
-    meta = {"pruning": method.model_dump(mode="json")}
+    model, meta = setup.model, {"pruning": method.model_dump(mode="json")}
+    source = "prune"
     if setup.trains:
-        before_save = setup.group.refresh  # the saved masks match the saved scores
         result.history[f"{method.label}/prune"] = _train_stage(
             run, "prune", folder / "prune", model, stage_id=stage_id("prune"), meta=meta,
-            before_save=before_save)
+            before_save=setup.group.refresh)  # the saved masks match the saved scores
+        if method.scope == "structured":  # channels ranked by the trained scores
+            source = "rebuild"
+            _save_one_shot(folder / source, lambda: to_structured(model, method), config, meta)
     else:
-        _save_one_shot(folder / "prune", model, config, meta)
-    last_stage = "prune"
+        _save_one_shot(folder / source, lambda: model, config, meta)
+    last_stage = source
     if "finetune" in config.pipeline:
-        model = run.fresh_model()
-        group = restore_masks(model, method)
-        start = load_checkpoint(folder / "prune" / "checkpoints")
+        start = load_checkpoint(folder / source / "checkpoints")
+        model, group = _model_for(start, run)
         result.history[f"{method.label}/finetune"] = _train_stage(
             run, "finetune", folder / "finetune", model, stage_id=stage_id("finetune"), meta=meta,
-            start=start, group=group)
+            group=group)
         last_stage = "finetune"
     if "evaluate" in config.pipeline:
         pointer = config.evaluate.checkpoint if last_stage == "finetune" else "last"
@@ -214,18 +218,30 @@ def build_model(config: RunConfig, splits: DatasetSplits) -> nn.Module:
 
 
 def model_from_checkpoint(checkpoint: Checkpoint) -> nn.Module:
-    """Rebuild the architecture recorded in the checkpoint (masked if it was pruned), then load
-    its weights."""
-    arch = checkpoint.meta["arch"]
-    model = create_model(arch["name"], num_classes=arch["num_classes"], in_channels=arch["in_channels"],
-                         input_size=arch["input_size"], mean=arch["mean"], std=arch["std"],
-                         **arch.get("kwargs", {}))
-    pruning = checkpoint.meta.get("pruning")
-    group = restore_masks(model, method_config(**pruning)) if pruning else None
+    """Rebuild the architecture recorded in the checkpoint (masked if it was pruned, smaller if
+    it was pruned structurally), then load its weights."""
+    return _model_for(checkpoint)[0]
+
+
+def _model_for(checkpoint: Checkpoint, run: _Run | None = None) -> tuple[nn.Module, MaskGroup | None]:
+    arch, pruning = checkpoint.meta["arch"], checkpoint.meta.get("pruning")
+    group = None
+    if "structured" in arch:
+        model = create_structured(arch)
+    else:
+        model = create_model(arch["name"], num_classes=arch["num_classes"],
+                             in_channels=arch["in_channels"], input_size=arch["input_size"],
+                             mean=arch["mean"], std=arch["std"], **arch.get("kwargs", {}))
+        if pruning:
+            group = restore_masks(model, method_config(**pruning))
+    if run is not None:
+        model = model.to(run.device)
+        if run.config.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
     load_model_state(model, checkpoint)
     if group is not None:
         group.enforce()  # score-trained checkpoints keep dense weights: bake the masks in
-    return model
+    return model, group
 
 
 def load_model_state(model: nn.Module, checkpoint: Checkpoint) -> None:
@@ -243,6 +259,10 @@ def load_model_state(model: nn.Module, checkpoint: Checkpoint) -> None:
 def summarize_model(model: nn.Module) -> dict[str, Any]:
     params = sum(p.numel() for name, p in model.named_parameters() if not name.endswith(".scores"))
     report = sparsity_report(model)
+    if "structured" in model.arch:  # sparsity against the dense architecture it was cut from
+        base = create_model(**{k: v for k, v in model.arch.items() if k != "structured"})
+        dense = sparsity_report(base)["prunable_weights"]
+        report["sparsity"] = 1 - report["kept_weights"] / dense
     return {"name": model.arch["name"], "parameters": params, "sparsity": report["sparsity"],
             "kept_parameters": report["kept_parameters"], "size_bytes": report["effective_bytes"]}
 
@@ -308,14 +328,15 @@ def _train_stage(run: _Run, stage: str, folder: Path, model: nn.Module, *, stage
     return trainer.fit(state).history
 
 
-def _save_one_shot(folder: Path, model: nn.Module, config: RunConfig, meta: dict) -> None:
-    """The prune stage of a method that trains nothing: one checkpoint of the masked model."""
+def _save_one_shot(folder: Path, make_model: Callable[[], nn.Module], config: RunConfig,
+                   meta: dict) -> None:
+    """A stage that trains nothing (one-shot pruning, a structural rebuild): one checkpoint."""
     checkpoints = folder / "checkpoints"
     if has_checkpoint(checkpoints):
         return
-    state = TrainState()
+    model = make_model()
     save_checkpoint(checkpoints, model_state=model.state_dict(),
-                    meta=_checkpoint_meta("prune", state, model, config, None, meta),
+                    meta=_checkpoint_meta(folder.name, TrainState(), model, config, None, meta),
                     pointers=("last", "best"))
 
 
@@ -409,7 +430,7 @@ def _find_checkpoint(path: Path, pointer: str) -> Checkpoint:
     if not path.exists():
         raise CardkitError(f"checkpoint path '{path}' does not exist; give a run folder such as runs/quickstart")
     candidates = [path, path / "checkpoints"]
-    candidates += [path / stage / "checkpoints" for stage in reversed(TRAIN_STAGES)]
+    candidates += [path / stage / "checkpoints" for stage in ("finetune", "rebuild", "prune", "pretrain")]
     for candidate in candidates:
         if (candidate / "meta.json").is_file() or has_checkpoint(candidate, pointer):
             return load_checkpoint(candidate, pointer)

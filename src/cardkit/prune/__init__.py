@@ -5,11 +5,11 @@ from cardkit.prune.masked import (MaskedConv2d, MaskedLayer, MaskedLinear, MaskG
 from cardkit.prune.methods import (METHOD_CONFIGS, BipropConfig, EdgePopupConfig, HydraConfig,
                                    MagnitudeConfig, PruneSetup,
                                    method_config, method_names, prune_model, register_method,
-                                   restore_masks)
+                                   restore_masks, to_structured)
 from cardkit.prune.report import sparsity_report
 
 __all__ = ["MaskedConv2d", "MaskedLayer", "MaskedLinear", "MaskGroup", "add_masks", "kept_count",
            "masked_layers", "prunable_layers", "METHOD_CONFIGS", "BipropConfig", "EdgePopupConfig",
            "HydraConfig", "MagnitudeConfig",
            "PruneSetup", "method_config", "method_names", "prune_model", "register_method",
-           "restore_masks", "sparsity_report"]
+           "restore_masks", "sparsity_report", "to_structured"]

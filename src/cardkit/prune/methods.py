@@ -10,23 +10,35 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, ClassVar, Literal, Optional
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from cardkit.config_base import Section
 from cardkit.errors import CardkitError
 from cardkit.numbers import Number
-from cardkit.prune.masked import MaskGroup, add_masks
+from cardkit.prune.masked import MaskGroup, add_masks, masked_layers
 
 NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
 
 
 class _MethodConfig(Section):
     sparsity: Number = Field(..., ge=0, lt=1)  # fraction of weights removed: 0.99 keeps 1%
-    scope: Literal["layer", "global"] = "layer"
+    # layer: the same sparsity in every layer; global: one threshold over all layers;
+    # structured: whole output channels (this fraction of them) removed and the model rebuilt smaller
+    scope: Literal["layer", "global", "structured"] = "layer"
+
+    @field_validator("scope")
+    @classmethod
+    def _structured_only_where_supported(cls, scope: str) -> str:
+        if scope == "structured" and not cls.structured:
+            raise ValueError("the structured scope is available for magnitude and hydra; use "
+                             "scope: layer or global")
+        return scope
+
+    structured: ClassVar[bool] = False
 
     @property
     def label(self) -> str:
@@ -38,12 +50,14 @@ class MagnitudeConfig(_MethodConfig):
     """One-shot least-weight-magnitude pruning (LWM; Sehwag et al. 2019 with robust fine-tuning)."""
 
     name: Literal["magnitude"] = "magnitude"
+    structured: ClassVar[bool] = True
 
 
 class HydraConfig(_MethodConfig):
     """HYDRA (Sehwag et al. 2020): scores trained under the robust loss with weights frozen."""
 
     name: Literal["hydra"] = "hydra"
+    structured: ClassVar[bool] = True
     train_norm: bool = False  # also train normalization layers while the scores train
 
 
@@ -64,7 +78,8 @@ class BipropConfig(_MethodConfig):
 
 @dataclass
 class PruneSetup:
-    group: MaskGroup
+    model: nn.Module  # the pruned model (a new, smaller one after one-shot structured pruning)
+    group: Optional[MaskGroup]  # None for a physically rebuilt model: it has no masks
     trains: bool  # whether the prune stage trains anything (scores) before the mask is frozen
 
 
@@ -106,14 +121,36 @@ def freeze_all(model: nn.Module) -> None:
         p.requires_grad_(False)
 
 
+def to_structured(model: nn.Module, config: _MethodConfig) -> nn.Module:
+    """Remove the lowest-L1 output channels (of the weights, or of HYDRA's trained scores) and
+    rebuild the model physically smaller."""
+    from cardkit.prune.structured import channel_masks, rebuild
+
+    with torch.no_grad():  # keep the dense weights of the kept channels, not a weight-level mask
+        for layer in masked_layers(model):
+            if layer.group is not None:
+                layer.group.frozen = True
+            layer.mask.fill_(1.0)
+            layer.scores.requires_grad_(False)
+    source = "scores" if isinstance(config, HydraConfig) else "weight"
+    return rebuild(model, channel_masks(model, config.sparsity, source=source))
+
+
+def mask_scope(config: _MethodConfig) -> str:
+    """Structured HYDRA trains one score per weight under a layer-wise mask first."""
+    return "layer" if config.scope == "structured" else config.scope
+
+
 @register_method(MagnitudeConfig)
 def magnitude(model: nn.Module, config: MagnitudeConfig) -> PruneSetup:
+    if config.scope == "structured":
+        return PruneSetup(to_structured(model, config), None, trains=False)
     layers = add_masks(model)
     for layer in layers:
         layer.scores.data.copy_(layer.weight.detach().abs())
     group = MaskGroup(layers, config.sparsity, config.scope)
     group.freeze()  # one shot: the mask is final and baked into the weights
-    return PruneSetup(group, trains=False)
+    return PruneSetup(model, group, trains=False)
 
 
 @register_method(HydraConfig)
@@ -132,9 +169,9 @@ def hydra(model: nn.Module, config: HydraConfig) -> PruneSetup:
             if isinstance(module, NORM_LAYERS):
                 for p in module.parameters():
                     p.requires_grad_(True)
-    group = MaskGroup(layers, config.sparsity, config.scope)
+    group = MaskGroup(layers, config.sparsity, mask_scope(config))
     group.refresh()
-    return PruneSetup(group, trains=True)
+    return PruneSetup(model, group, trains=True)
 
 
 @register_method(EdgePopupConfig)
@@ -165,7 +202,7 @@ def _random_subnetwork(model: nn.Module, config: _MethodConfig, weight_init: str
         layer.binary = binary
     group = MaskGroup(layers, config.sparsity, config.scope)
     group.refresh()
-    return PruneSetup(group, trains=True)
+    return PruneSetup(model, group, trains=True)
 
 
 def restore_masks(model: nn.Module, config: Section) -> MaskGroup:
