@@ -205,3 +205,36 @@ def test_edge_popup_freezes_random_signed_constant_weights():
         assert torch.allclose(layer.weight.abs(), torch.full_like(layer.weight, std))
         assert not torch.equal(layer.weight, before)
         assert not layer.weight.requires_grad and layer.scores.requires_grad
+
+
+def test_gmp_schedule_end_points_and_cubic_shape():
+    from cardkit.prune.methods import GMPConfig, gmp_sparsity
+
+    config = GMPConfig(sparsity=0.9, initial_sparsity=0.1, start_step=10, end_step=110, frequency=10)
+    assert gmp_sparsity(0, config, 200) == gmp_sparsity(10, config, 200) == pytest.approx(0.1)
+    assert gmp_sparsity(110, config, 200) == gmp_sparsity(200, config, 200) == pytest.approx(0.9)
+    values = [gmp_sparsity(t, config, 200) for t in range(0, 201)]
+    assert all(a <= b for a, b in zip(values, values[1:]))
+    assert len(set(values[10:111])) == 11  # held between updates, every 10 steps
+    # Cubic: half-way through, 1 - (1/2)^3 of the way to the final sparsity.
+    assert gmp_sparsity(60, config, 200) == pytest.approx(0.9 + (0.1 - 0.9) * 0.125)
+    assert GMPConfig(sparsity=0.5).end_step is None
+    assert gmp_sparsity(50, GMPConfig(sparsity=0.5, frequency=1), 50) == pytest.approx(0.5)
+
+
+def test_gmp_reaches_its_exact_sparsity_while_weights_train():
+    net = model()
+    setup = prune_model(net, method_config("gmp", sparsity=0.8, frequency=2))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    x, y = data()
+    for step in range(1, 11):
+        optimizer.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        optimizer.step()
+        setup.after_step(step, 10)
+        for layer in setup.group.layers:
+            assert (layer.weight[layer.mask == 0] == 0).all()
+    for layer in setup.group.layers:
+        assert int(layer.mask.sum()) == round(0.2 * layer.weight.numel())
+    with pytest.raises(CardkitError, match="end_step"):
+        prune_model(model(), method_config("gmp", sparsity=0.8, end_step=50)).after_step(1, 10)

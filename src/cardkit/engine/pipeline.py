@@ -126,7 +126,8 @@ def _run_variant(run: _Run, method: Section, index: int, result: RunResult) -> N
     if setup.trains:
         result.history[f"{method.label}/prune"] = _train_stage(
             run, "prune", folder / "prune", model, stage_id=stage_id("prune"), meta=meta,
-            before_save=setup.group.refresh)  # the saved masks match the saved scores
+            before_save=setup.group.refresh,  # the saved masks match the saved scores
+            on_step=setup.after_step)
         if method.scope == "structured":  # channels ranked by the trained scores
             source = "rebuild"
             _save_one_shot(folder / source, lambda: to_structured(model, method), config, meta)
@@ -270,7 +271,8 @@ def summarize_model(model: nn.Module) -> dict[str, Any]:
 def _train_stage(run: _Run, stage: str, folder: Path, model: nn.Module, *, stage_id: int,
                  meta: dict | None = None, start: Checkpoint | None = None,
                  group: MaskGroup | None = None,
-                 before_save: Callable[[], None] | None = None) -> list[dict]:
+                 before_save: Callable[[], None] | None = None,
+                 on_step: Callable[[int, int], None] | None = None) -> list[dict]:
     """Train `model` for one stage in `folder`, resuming from its own checkpoint if there is one,
     else starting from `start`. With a frozen mask `group`, pruned weights are zeroed after every
     optimizer step so that momentum and weight decay cannot revive them."""
@@ -323,7 +325,8 @@ def _train_stage(run: _Run, stage: str, folder: Path, model: nn.Module, *, stage
     describe = str(folder.relative_to(config.run_dir))
     trainer = Trainer(model, build_objective(stage_config.objective, threat), stage_config, loader,
                       optimizer, seed=config.seed, stage_id=stage_id, evaluate=evaluate, save=save,
-                      forward_model=forward_model, progress=run.progress, describe=describe)
+                      forward_model=forward_model, progress=run.progress, describe=describe,
+                      on_step=on_step)
     state.history = history
     return trainer.fit(state).history
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, ClassVar, Literal, Optional
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, NonNegativeInt, PositiveInt, field_validator
 from torch import nn
 
 from cardkit.config_base import Section
@@ -76,11 +76,24 @@ class BipropConfig(_MethodConfig):
     name: Literal["biprop"] = "biprop"
 
 
+class GMPConfig(_MethodConfig):
+    """Gradual magnitude pruning (Zhu & Gupta 2017) while the weights train in the prune stage:
+    sparsity rises from `initial_sparsity` to `sparsity` on a cubic schedule, updated every
+    `frequency` optimizer steps between `start_step` and `end_step` (default: the stage's last)."""
+
+    name: Literal["gmp"] = "gmp"
+    initial_sparsity: Number = Field(0.0, ge=0, lt=1)
+    start_step: NonNegativeInt = 0
+    end_step: Optional[PositiveInt] = None
+    frequency: PositiveInt = 10
+
+
 @dataclass
 class PruneSetup:
     model: nn.Module  # the pruned model (a new, smaller one after one-shot structured pruning)
     group: Optional[MaskGroup]  # None for a physically rebuilt model: it has no masks
     trains: bool  # whether the prune stage trains anything (scores) before the mask is frozen
+    after_step: Optional[Callable[[int, int], None]] = None  # (steps done, total steps) in the stage
 
 
 Handler = Callable[[nn.Module, Section], PruneSetup]
@@ -203,6 +216,47 @@ def _random_subnetwork(model: nn.Module, config: _MethodConfig, weight_init: str
     group = MaskGroup(layers, config.sparsity, config.scope)
     group.refresh()
     return PruneSetup(model, group, trains=True)
+
+
+def gmp_sparsity(step: int, config: GMPConfig, total_steps: int) -> float:
+    """The cubic schedule, held constant between updates: s_f + (s_i - s_f)(1 - progress)^3."""
+    start, end = config.start_step, config.end_step or total_steps
+    if step <= start:
+        return config.initial_sparsity
+    if step >= end:
+        return config.sparsity
+    updated = start + (step - start) // config.frequency * config.frequency
+    progress = (updated - start) / (end - start)
+    return config.initial_sparsity + (config.sparsity - config.initial_sparsity) * (1 - (1 - progress) ** 3)
+
+
+@register_method(GMPConfig)
+def gmp(model: nn.Module, config: GMPConfig) -> PruneSetup:
+    layers = add_masks(model)
+    group = MaskGroup(layers, config.initial_sparsity, config.scope)
+    group.frozen = True  # masks change only on the schedule, below
+
+    @torch.no_grad()
+    def after_step(step: int, total_steps: int) -> None:
+        end = config.end_step or total_steps
+        if end > total_steps or config.start_step >= end:
+            raise CardkitError(f"gmp: start_step {config.start_step} and end_step {end} must satisfy "
+                               f"start_step < end_step <= {total_steps}, the prune stage's steps; "
+                               f"change them or prune.epochs")
+        sparsity = gmp_sparsity(step, config, total_steps)
+        # Stateless (compares with the previous step's value), so a resumed run updates the
+        # masks at exactly the same steps.
+        if sparsity != gmp_sparsity(step - 1, config, total_steps):
+            for layer in layers:
+                layer.scores.copy_(layer.weight.abs())
+            group.sparsity = sparsity
+            group.recompute()
+        group.enforce()
+
+    with torch.no_grad():
+        group.recompute()
+        group.enforce()
+    return PruneSetup(model, group, trains=True, after_step=after_step)
 
 
 def restore_masks(model: nn.Module, config: Section) -> MaskGroup:

@@ -72,7 +72,7 @@ class Trainer:
                  loader, optimizer: torch.optim.Optimizer, *, seed: int, stage_id: int,
                  evaluate: Callable[[nn.Module], RobustnessResult], save: CheckpointFn,
                  forward_model: nn.Module | None = None, progress: bool = False,
-                 describe: str = "train"):
+                 describe: str = "train", on_step: Callable[[int, int], None] | None = None):
         self.model = model
         self.forward_model = forward_model or model  # a compiled wrapper, when compiling
         self.objective = objective
@@ -84,6 +84,7 @@ class Trainer:
         self.save = save
         self.progress = progress
         self.describe = describe
+        self.on_step = on_step  # on_step(steps done, total steps): e.g. a pruning schedule
 
     def fit(self, state: TrainState) -> TrainState:
         for epoch in range(state.epoch, self.config.epochs):
@@ -113,6 +114,8 @@ class Trainer:
                             acc=f"{totals['correct'] / totals['samples']:.3f}")
             state.batch += 1
             state.step += 1
+            if self.on_step is not None:
+                self.on_step(state.step, len(self.loader) * self.config.epochs)
             every = self.config.checkpoint_every
             if every and state.step % every == 0 and state.batch < len(self.loader):
                 state.rng = rng_state()
