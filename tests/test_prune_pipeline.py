@@ -117,3 +117,41 @@ def test_hydra_beats_lwm_at_99_percent_on_mnist(tmp_path, shared_data):
     result = {e.variant: e.robustness for e in run_pipeline(config).evaluations}
     lwm, hydra = result["magnitude-0.99-global"], result["hydra-0.99-global"]
     assert hydra.robust_accuracy > lwm.robust_accuracy, (hydra, lwm)
+
+
+def test_lottery_rewinds_kept_weights_to_the_early_epoch_and_reaches_its_sparsity(tmp_path):
+    config = digits_config(tmp_path, **{
+        "prune.methods": "[{name: lottery, sparsity: 0.9, rounds: 3, rewind_epoch: 2}, "
+                         "{name: lottery, sparsity: 0.75, rounds: 2, rewind: lr}]",
+        "finetune.epochs": 1})
+    result = run_pipeline(config)
+    early = load_checkpoint(config.run_dir / "pretrain" / "checkpoints", "epoch-2").model_state()
+    prune_dir = config.run_dir / "lottery-0.9" / "prune"
+    for round, folder in enumerate([prune_dir / "round-1", prune_dir / "round-2", prune_dir], start=1):
+        ticket = load_checkpoint(folder / "checkpoints").model_state()
+        for name, mask in ((k, v) for k, v in ticket.items() if k.endswith(".mask")):
+            weight = name.removesuffix(".mask") + ".weight"
+            kept = mask.bool()
+            assert torch.equal(ticket[weight][kept], early[weight][kept])
+            assert (ticket[weight][~kept] == 0).all()
+            assert int(kept.sum()) == round_count(mask.numel(), 1 - 0.1 ** (round / 3))
+    sparsity = {e.variant: e.model["sparsity"] for e in result.evaluations}
+    assert sparsity["lottery-0.9"] == pytest.approx(0.9, abs=1e-3)
+    assert sparsity["lottery-0.75"] == pytest.approx(0.75, abs=1e-3)
+    # Learning-rate rewinding keeps the trained weights: they differ from every early weight.
+    lrr = load_checkpoint(config.run_dir / "lottery-0.75" / "prune" / "checkpoints").model_state()
+    key = next(k for k in lrr if k.endswith(".weight") and k.removesuffix(".weight") + ".mask" in lrr)
+    assert not torch.equal(lrr[key][lrr[key] != 0], early[key][lrr[key] != 0])
+
+
+def round_count(n, sparsity):
+    return round((1 - sparsity) * n)
+
+
+def test_lottery_without_a_kept_rewind_epoch_is_a_clear_error(pruned_run):
+    from cardkit.engine import prune_checkpoint
+    from cardkit.prune import LotteryConfig
+
+    config, _ = pruned_run
+    with pytest.raises(CardkitError, match="kept no checkpoint of epoch 1.*rewind: lr"):
+        prune_checkpoint(config.run_dir, LotteryConfig(sparsity=0.5))

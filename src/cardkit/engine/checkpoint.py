@@ -26,7 +26,6 @@ from cardkit.fileio import file_digest
 
 FORMAT = "cardkit-checkpoint"
 VERSION = 1
-POINTERS = ("last", "best")
 
 
 @dataclass
@@ -155,11 +154,10 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def _remove_unreferenced(folder: Path) -> None:
+    """Delete checkpoint folders no pointer (last, best, an epoch kept for rewinding) names."""
     keep = set()
-    for pointer in POINTERS:
-        file = folder / f"{pointer}.json"
-        if file.is_file():
-            keep.add(json.loads(file.read_text())["checkpoint"])
+    for file in folder.glob("*.json"):
+        keep.add(json.loads(file.read_text())["checkpoint"])
     for child in folder.iterdir():
         if child.is_dir() and child.name not in keep:
             shutil.rmtree(child, ignore_errors=True)

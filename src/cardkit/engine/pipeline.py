@@ -37,8 +37,8 @@ from cardkit.errors import CardkitError
 from cardkit.eval import RobustnessResult, evaluate_robustness
 from cardkit.models import create_model
 from cardkit.objectives import build_objective
-from cardkit.prune import (MaskGroup, method_config, prune_model, restore_masks, sparsity_report,
-                           to_structured)
+from cardkit.prune import (LotteryConfig, MaskGroup, method_config, prune_model, prune_round,
+                           restore_masks, sparsity_report, to_structured)
 from cardkit.prune.structured import create_structured
 from cardkit.train import Trainer, TrainState, build_optimizer
 from cardkit.train.trainer import derive_seed
@@ -101,7 +101,10 @@ def run_pipeline(config: RunConfig, *, restart: bool = False, progress: bool = F
     stages = config.pipeline
     if "pretrain" in stages:
         model = run.fresh_model()
-        result.history["pretrain"] = _train_stage(run, "pretrain", run_dir / "pretrain", model, stage_id=0)
+        rewind_epochs = {m.rewind_epoch for m in config.prune.methods
+                         if isinstance(m, LotteryConfig) and m.rewind == "weights"}
+        result.history["pretrain"] = _train_stage(run, "pretrain", run_dir / "pretrain", model, stage_id=0,
+                                                  keep_epochs=rewind_epochs)
         if "evaluate" in stages and evaluate_dense:
             checkpoint = load_checkpoint(run_dir / "pretrain" / "checkpoints", config.evaluate.checkpoint)
             load_model_state(model, checkpoint)
@@ -123,7 +126,9 @@ def _run_variant(run: _Run, method: Section, index: int, result: RunResult) -> N
     setup = prune_model(model, method)
     model, meta = setup.model, {"pruning": method.model_dump(mode="json")}
     source = "prune"
-    if setup.trains:
+    if isinstance(method, LotteryConfig):
+        _lottery_rounds(run, method, folder, model, setup.group, meta, stage_id("prune"), result)
+    elif setup.trains:
         result.history[f"{method.label}/prune"] = _train_stage(
             run, "prune", folder / "prune", model, stage_id=stage_id("prune"), meta=meta,
             before_save=setup.group.refresh,  # the saved masks match the saved scores
@@ -146,6 +151,39 @@ def _run_variant(run: _Run, method: Section, index: int, result: RunResult) -> N
         checkpoint = load_checkpoint(folder / last_stage / "checkpoints", pointer)
         model = model_from_checkpoint(checkpoint).to(run.device)
         result.evaluations.append(_evaluate(run, method.label, model, folder, checkpoint))
+
+
+def _lottery_rounds(run: _Run, method: LotteryConfig, folder: Path, model: nn.Module, group: MaskGroup,
+                    meta: dict, stage_id: int, result: RunResult) -> None:
+    """Iterative magnitude pruning in the prune stage: round r prunes the trained weights to the
+    r-th sparsity and rewinds (prune/round-r/), then retrains under the mask (prune/train-r/). The
+    last round's pruned model is the stage's checkpoint (prune/), which the finetune stage retrains."""
+    rewind_state = _rewind_state(run.config, method) if method.rewind == "weights" else None
+
+    def pruned(round: int) -> nn.Module:
+        prune_round(model, group, method.round_sparsity(round), rewind_state)
+        return model
+
+    prune_dir = folder / "prune"
+    for round in range(1, method.rounds + 1):
+        if round > 1:
+            start = load_checkpoint(prune_dir / f"round-{round - 1}" / "checkpoints")
+            result.history[f"{method.label}/prune/train-{round - 1}"] = _train_stage(
+                run, "prune", prune_dir / f"train-{round - 1}", model, stage_id=stage_id + round,
+                meta=meta, start=start, group=group)
+        target = prune_dir if round == method.rounds else prune_dir / f"round-{round}"
+        _save_one_shot(target, lambda: pruned(round), run.config, meta)
+
+
+def _rewind_state(config: RunConfig, method: LotteryConfig) -> dict[str, torch.Tensor]:
+    folder = config.run_dir / "pretrain" / "checkpoints"
+    pointer = f"epoch-{method.rewind_epoch}"
+    if not has_checkpoint(folder, pointer):
+        raise CardkitError(f"{method.label}: the pretrain stage kept no checkpoint of epoch "
+                           f"{method.rewind_epoch} to rewind to (it keeps one only when the config lists "
+                           f"this method before pretraining); use rewind: lr, or run the pipeline "
+                           f"with the lottery method from the start")
+    return load_checkpoint(folder, pointer).model_state()
 
 
 def prune_checkpoint(path: str | Path, method: Section, overrides: list[str] = (), *,
@@ -272,7 +310,8 @@ def _train_stage(run: _Run, stage: str, folder: Path, model: nn.Module, *, stage
                  meta: dict | None = None, start: Checkpoint | None = None,
                  group: MaskGroup | None = None,
                  before_save: Callable[[], None] | None = None,
-                 on_step: Callable[[int, int], None] | None = None) -> list[dict]:
+                 on_step: Callable[[int, int], None] | None = None,
+                 keep_epochs: set[int] = frozenset()) -> list[dict]:
     """Train `model` for one stage in `folder`, resuming from its own checkpoint if there is one,
     else starting from `start`. With a frozen mask `group`, pruned weights are zeroed after every
     optimizer step so that momentum and weight decay cannot revive them."""
@@ -316,10 +355,12 @@ def _train_stage(run: _Run, stage: str, folder: Path, model: nn.Module, *, stage
             before_save()
         if row is not None:
             _append_jsonl(folder / "metrics.jsonl", row)
+        pointers = ["last"] + ["best"] * is_best
+        if row is not None and state.epoch in keep_epochs:  # e.g. a lottery ticket's rewind point
+            pointers.append(f"epoch-{state.epoch}")
         save_checkpoint(checkpoints, model_state=model.state_dict(),
                         meta=_checkpoint_meta(stage, state, model, config, row, meta),
-                        optimizer_state=optimizer.state_dict(), rng=state.rng,
-                        pointers=("last", "best") if is_best else ("last",))
+                        optimizer_state=optimizer.state_dict(), rng=state.rng, pointers=tuple(pointers))
 
     forward_model = torch.compile(model) if config.model.compile else model
     describe = str(folder.relative_to(config.run_dir))

@@ -88,6 +88,23 @@ class GMPConfig(_MethodConfig):
     frequency: PositiveInt = 10
 
 
+class LotteryConfig(_MethodConfig):
+    """Iterative magnitude pruning (Frankle & Carbin 2019): `rounds` times, prune the smallest
+    weights to the next sparsity of a geometric schedule, rewind, and retrain under the mask (the
+    retraining after the last round is the finetune stage). `rewind: weights` resets the kept
+    weights to those of pretrain epoch `rewind_epoch` (Frankle et al. 2020); `rewind: lr` keeps the
+    trained weights and restarts only the learning-rate schedule (LRR, Renda et al. 2020)."""
+
+    name: Literal["lottery"] = "lottery"
+    rounds: PositiveInt = 3
+    rewind: Literal["weights", "lr"] = "weights"
+    rewind_epoch: PositiveInt = 1
+
+    def round_sparsity(self, round: int) -> float:
+        """Each round removes the same fraction of the remaining weights."""
+        return 1 - (1 - self.sparsity) ** (round / self.rounds)
+
+
 @dataclass
 class PruneSetup:
     model: nn.Module  # the pruned model (a new, smaller one after one-shot structured pruning)
@@ -216,6 +233,29 @@ def _random_subnetwork(model: nn.Module, config: _MethodConfig, weight_init: str
     group = MaskGroup(layers, config.sparsity, config.scope)
     group.refresh()
     return PruneSetup(model, group, trains=True)
+
+
+@register_method(LotteryConfig)
+def lottery(model: nn.Module, config: LotteryConfig) -> PruneSetup:
+    """The first round's one-shot magnitude mask; the pipeline runs the rounds (`prune_round`)."""
+    return magnitude(model, MagnitudeConfig(sparsity=config.round_sparsity(1), scope=config.scope))
+
+
+@torch.no_grad()
+def prune_round(model: nn.Module, group: MaskGroup, sparsity: float,
+                rewind_state: dict[str, torch.Tensor] | None) -> None:
+    """Prune the smallest trained weights of a frozen group to `sparsity` (pruned weights are
+    zero, so they stay pruned), then rewind every parameter and buffer to `rewind_state` (a dense
+    state dict) when given; the kept weights take their rewound values."""
+    for layer in group.layers:
+        layer.scores.copy_(layer.weight.abs())
+    group.sparsity = sparsity
+    group.recompute()
+    if rewind_state is not None:
+        state = model.state_dict()
+        for name, value in rewind_state.items():
+            state[name].copy_(value)
+    group.enforce()
 
 
 def gmp_sparsity(step: int, config: GMPConfig, total_steps: int) -> float:
