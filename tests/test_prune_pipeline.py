@@ -155,3 +155,13 @@ def test_lottery_without_a_kept_rewind_epoch_is_a_clear_error(pruned_run):
     config, _ = pruned_run
     with pytest.raises(CardkitError, match="kept no checkpoint of epoch 1.*rewind: lr"):
         prune_checkpoint(config.run_dir, LotteryConfig(sparsity=0.5))
+
+
+def test_a_checkpoint_of_another_architecture_is_a_clear_error(pruned_run):
+    from cardkit.engine.pipeline import load_model_state
+    from cardkit.models import create_model
+
+    config, _ = pruned_run
+    checkpoint = load_checkpoint(config.run_dir / "pretrain" / "checkpoints")
+    with pytest.raises(CardkitError, match="holds a cnn_small model that does not fit the cnn_large"):
+        load_model_state(create_model("cnn_large", 10, 1, 8), checkpoint)
