@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
 
 from cardkit.attacks import Threat
-from cardkit.config_base import Section
+from cardkit.config_base import HandlerTable, Section
 
 
 class Objective:
@@ -22,23 +20,13 @@ class Objective:
         pass
 
 
-Handler = Callable[[Section, Threat], Objective]
-_HANDLERS: dict[type[Section], Handler] = {}
-OBJECTIVE_CONFIGS: list[type[Section]] = []
+OBJECTIVES = HandlerTable("objective")
+OBJECTIVE_CONFIGS = OBJECTIVES.configs
 """Config classes in registration order; config.py builds its tagged union from them."""
-
-
-def register_objective(config_cls: type[Section]):
-    """Decorator: `handler(config, threat) -> objective` becomes the handler of `config_cls`."""
-
-    def decorate(handler: Handler) -> Handler:
-        _HANDLERS[config_cls] = handler
-        OBJECTIVE_CONFIGS.append(config_cls)
-        return handler
-
-    return decorate
+register_objective = OBJECTIVES.register
+"""Decorator: `handler(config, threat) -> objective` becomes the handler of a config class."""
 
 
 def build_objective(config: Section, threat: Threat) -> Objective:
     """The objective for a validated config; `threat` supplies eps and norm the config leaves unset."""
-    return _HANDLERS[type(config)](config, threat)
+    return OBJECTIVES.handler(config)(config, threat)

@@ -7,7 +7,6 @@ pruning) and returns the model's `MaskGroup`.
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Literal, Optional
@@ -16,7 +15,7 @@ import torch
 from pydantic import Field, NonNegativeInt, PositiveInt, field_validator
 from torch import nn
 
-from cardkit.config_base import Section
+from cardkit.config_base import HandlerTable, Section
 from cardkit.errors import CardkitError
 from cardkit.numbers import Number
 from cardkit.prune.masked import MaskGroup, add_masks, masked_layers
@@ -113,37 +112,18 @@ class PruneSetup:
     after_step: Optional[Callable[[int, int], None]] = None  # (steps done, total steps) in the stage
 
 
-Handler = Callable[[nn.Module, Section], PruneSetup]
-_HANDLERS: dict[type[Section], Handler] = {}
-METHOD_CONFIGS: list[type[Section]] = []
-
-
-def register_method(config_cls: type[Section]):
-    def decorate(handler: Handler) -> Handler:
-        _HANDLERS[config_cls] = handler
-        METHOD_CONFIGS.append(config_cls)
-        return handler
-
-    return decorate
-
-
-def method_names() -> list[str]:
-    return [cls.model_fields["name"].default for cls in METHOD_CONFIGS]
-
-
-def method_config(name: str, **fields) -> Section:
-    """Build a method config by name (for the CLI); unknown names suggest the closest."""
-    for cls in METHOD_CONFIGS:
-        if cls.model_fields["name"].default == name:
-            return cls(**fields)
-    close = difflib.get_close_matches(name, method_names(), n=2)
-    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
-    raise CardkitError(f"unknown pruning method {name!r}; {hint}valid: {', '.join(method_names())}")
+METHODS = HandlerTable("pruning method")
+METHOD_CONFIGS = METHODS.configs
+register_method = METHODS.register
+"""Decorator: `handler(model, config) -> PruneSetup` becomes the handler of a config class."""
+method_names = METHODS.names
+method_config = METHODS.config
+"""Build a method config by name (for the CLI); unknown names suggest the closest."""
 
 
 def prune_model(model: nn.Module, config: Section) -> PruneSetup:
     """Apply a pruning method to a dense model in place."""
-    return _HANDLERS[type(config)](model, config)
+    return METHODS.handler(config)(model, config)
 
 
 def freeze_all(model: nn.Module) -> None:
