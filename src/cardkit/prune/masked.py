@@ -38,19 +38,61 @@ class MaskedLayer:
         group = self.group
         if group is not None:
             group.refresh()
+        if self.scores.requires_grad and not self.weight.requires_grad:
+            # Score training (HYDRA, edge-popup, biprop): the weights are frozen, so the masked
+            # weight changes only with the mask and is cached between the forwards of a step.
+            unmasked, masked = self._cached_weights()
+            return _ScoredWeight.apply(self.scores, unmasked, masked)
         if self.scores.requires_grad:
-            # Straight-through: the forward sees the 0/1 mask of the top |scores|; the backward
-            # passes the mask's gradient to |scores| unchanged (so through abs to the scores).
-            magnitude = self.scores.abs()
-            mask = self.mask + (magnitude - magnitude.detach())
-        elif not self.binary:
+            return self._unmasked_weight() * _StraightThrough.apply(self.scores, self.mask)
+        if not self.binary:
             return self.weight  # frozen: the mask is baked into the weight
-        else:
-            mask = self.mask
-        weight = self.weight
+        return self._unmasked_weight() * self.mask
+
+    def _unmasked_weight(self) -> torch.Tensor:
         if self.binary:
-            weight = binary_scale(weight, self.mask) * weight.sign()
-        return weight * mask
+            return binary_scale(self.weight, self.mask) * self.weight.sign()
+        return self.weight
+
+    @torch.no_grad()
+    def _cached_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (self.weight._version, self.mask._version, self.binary)
+        if getattr(self, "_cache_key", None) != key:
+            unmasked = self._unmasked_weight().detach()
+            object.__setattr__(self, "_cache", (unmasked, unmasked * self.mask))
+            object.__setattr__(self, "_cache_key", key)
+        return self._cache
+
+
+class _StraightThrough(torch.autograd.Function):
+    """The forward sees the 0/1 mask of the top |scores|; the backward passes the mask's gradient
+    to |scores| unchanged, i.e. times sign(scores). No elementwise work in the forward, which
+    runs once per PGD step."""
+
+    @staticmethod
+    def forward(ctx, scores, mask):
+        ctx.save_for_backward(scores)
+        return mask.view_as(mask)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (scores,) = ctx.saved_tensors
+        return grad * scores.sign(), None
+
+
+class _ScoredWeight(torch.autograd.Function):
+    """weight x mask(|scores|) for frozen weights, from cached tensors: nothing is computed in the
+    forward; the backward is the straight-through gradient grad x weight x sign(scores)."""
+
+    @staticmethod
+    def forward(ctx, scores, unmasked, masked):
+        ctx.save_for_backward(scores, unmasked)
+        return masked.view_as(masked)
+
+    @staticmethod
+    def backward(ctx, grad):
+        scores, unmasked = ctx.saved_tensors
+        return grad * unmasked * scores.sign(), None, None
 
 
 def binary_scale(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
