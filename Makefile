@@ -18,6 +18,8 @@ install: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_attack.py
 	$(BIN)/python benchmarks/bench_data.py
+	$(BIN)/python benchmarks/bench_masked.py
+	$(BIN)/python benchmarks/bench_structured.py
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
