@@ -69,3 +69,100 @@ def test_unsupported_layer_and_training_batchnorm_are_named():
     vgg = create_model("vgg16_bn", 10, 1, 8).train()
     with pytest.raises(CardkitError, match="BatchNorm2d.*eval mode"):
         ibp_bounds(vgg, torch.rand(1, 1, 8, 8), 0.1)
+
+
+from cardkit.certify import crown_bounds, crown_margin_bounds  # noqa: E402
+
+
+@pytest.mark.parametrize("name,shape,method", [
+    ("cnn_small", (1, 8, 8), None), ("cnn_large", (1, 8, 8), None),
+    ("cnn_small", (1, 28, 28), {"name": "hydra", "sparsity": 0.8}),
+    ("cnn_small", (1, 8, 8), {"name": "biprop", "sparsity": 0.5}),
+])
+@pytest.mark.parametrize("intermediate", ["ibp", "crown"])
+@pytest.mark.parametrize("eps", [0.0, 0.02])
+def test_crown_bounds_contain_every_sampled_output_and_beat_ibp(name, shape, method, intermediate, eps):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, in_channels=shape[0], input_size=shape[1],
+                         mean=[0.4] * shape[0], std=[0.3] * shape[0])
+    if method:
+        prune_model(model, method_config(**method))
+    model.eval()
+    x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([3, 7])
+    with torch.no_grad():
+        margins = crown_margin_bounds(model, x, y, eps, intermediate)
+        logits = crown_bounds(model, x, eps, intermediate)
+        points = perturbations(x, eps, 200)
+        outputs = model(points.flatten(0, 1)).view(len(points), len(x), -1)
+    assert (outputs >= logits.lower - 1e-4).all() and (outputs <= logits.upper + 1e-4).all()
+    true = outputs.gather(2, y.view(1, -1, 1).expand(len(points), -1, 1))
+    keep = ~torch.nn.functional.one_hot(y, 10).bool()
+    assert ((true - outputs)[:, keep].view(len(points), 2, 9) >= margins - 1e-4).all()
+    if intermediate == "crown":
+        ibp = ibp_margin_bounds(model, x, y, eps).lower
+        assert margins.mean() >= ibp.mean() - 1e-5
+
+
+def test_crown_is_tighter_than_ibp_on_a_trained_network():
+    import torch.nn.functional as F
+    from cardkit.data import BatchLoader, load_dataset
+
+    data = load_dataset("digits")
+    torch.manual_seed(0)
+    model = create_model("cnn_small", 10, 1, 8, mean=data.info.mean, std=data.info.std)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for x, y in BatchLoader(data.train, 64, shuffle=True).epoch(0):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    model.eval()
+    x, y = data.test.images[:50].float() / 255, data.test.labels[:50]
+    with torch.no_grad():
+        crown = crown_margin_bounds(model, x, y, 0.01)
+        crown_ibp = crown_margin_bounds(model, x, y, 0.01, "ibp")
+        ibp = ibp_margin_bounds(model, x, y, 0.01).lower
+    assert crown.mean() > crown_ibp.mean() > ibp.mean()
+    assert (crown >= ibp - 1e-5).float().mean() > 0.9
+
+
+def test_bounds_enclose_the_exact_optimum_of_a_tiny_network():
+    """min of a margin over the input box, solved exactly as a mixed-integer program."""
+    import numpy as np
+    from scipy.optimize import LinearConstraint, milp
+
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    x, y, eps = torch.rand(1, 1, 1, 3), torch.tensor([0]), 0.2
+    with torch.no_grad():
+        pre = ibp_bounds(net[:2], x, eps)
+        crown = crown_margin_bounds(net, x, y, eps)
+        ibp = ibp_margin_bounds(net, x, y, eps).lower
+    w1, b1 = net[1].weight.detach().double().numpy(), net[1].bias.detach().double().numpy()
+    w2, b2 = net[3].weight.detach().double().numpy(), net[3].bias.detach().double().numpy()
+    l, u = pre.lower[0].double().numpy(), pre.upper[0].double().numpy()
+    box_l = (x.flatten() - eps).clamp(0, 1).double().numpy()
+    box_u = (x.flatten() + eps).clamp(0, 1).double().numpy()
+    for j, target in enumerate([1, 2]):
+        c = w2[0] - w2[target]  # variables: x (3), h (6), a (6)
+        objective = np.concatenate([np.zeros(3), c, np.zeros(6)])
+        rows, lo, hi = [], [], []
+        for i in range(6):
+            e = np.zeros(15)
+            e[:3], e[3 + i] = -w1[i], 1.0  # h - w x >= b
+            rows.append(e); lo.append(b1[i]); hi.append(np.inf)
+            e = np.zeros(15)
+            e[:3], e[3 + i], e[9 + i] = -w1[i], 1.0, -l[i]  # h - w x - l a <= b - l
+            rows.append(e); lo.append(-np.inf); hi.append(b1[i] - l[i])
+            e = np.zeros(15)
+            e[3 + i], e[9 + i] = 1.0, -max(u[i], 0)  # h <= u a
+            rows.append(e); lo.append(-np.inf); hi.append(0.0)
+        bounds = list(zip(box_l, box_u)) + [(0, max(ui, 0)) for ui in u] + [(0, 1)] * 6
+        from scipy.optimize import Bounds as Box
+        result = milp(objective, constraints=LinearConstraint(np.array(rows), lo, hi),
+                      integrality=np.r_[np.zeros(9), np.ones(6)],
+                      bounds=Box([b[0] for b in bounds], [b[1] for b in bounds]))
+        assert result.success
+        exact = result.fun + b2[0] - b2[target]
+        assert crown[0, j].item() <= exact + 1e-5
+        assert ibp[0, j].item() <= crown[0, j].item() + 1e-5

@@ -1,5 +1,6 @@
 """Certified robustness: bounds on a network's outputs over a whole threat region."""
 
+from cardkit.certify.crown import crown_bounds, crown_margin_bounds
 from cardkit.certify.ibp import Bounds, ibp_bounds, ibp_margin_bounds, supported_layers
 
-__all__ = ["Bounds", "ibp_bounds", "ibp_margin_bounds", "supported_layers"]
+__all__ = ["Bounds", "crown_bounds", "crown_margin_bounds", "ibp_bounds", "ibp_margin_bounds", "supported_layers"]
