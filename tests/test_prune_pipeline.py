@@ -165,3 +165,27 @@ def test_a_checkpoint_of_another_architecture_is_a_clear_error(pruned_run):
     checkpoint = load_checkpoint(config.run_dir / "pretrain" / "checkpoints")
     with pytest.raises(CardkitError, match="holds a cnn_small model that does not fit the cnn_large"):
         load_model_state(create_model("cnn_large", 10, 1, 8), checkpoint)
+
+
+def test_certify_a_pruned_variant_and_verify_in_the_evaluate_stage(pruned_run, capsys):
+    from cardkit.cli import main
+
+    config, _ = pruned_run
+    results = {}
+    for method in ("ibp", "crown_ibp", "crown"):
+        assert main(["certify", "--checkpoint", str(config.run_dir / "hydra-0.8"), "--method", method,
+                     "--eps", "0.01", "--samples", "60"]) == 0
+        stored = json.loads((config.run_dir / "hydra-0.8" / "certify" / f"{method}.json").read_text())
+        results[method] = stored["verification"]
+        assert results[method]["samples"] == 60
+        assert results[method]["verified_accuracy"] <= results[method]["clean_accuracy"]
+    assert results["ibp"]["verified_accuracy"] <= results["crown"]["verified_accuracy"]
+    assert "crown" in capsys.readouterr().out
+    verifying = validate_config(config.model_dump(mode="json"),
+                                ["evaluate.verify=[ibp, crown]", "evaluate.verify_eps=0.01",
+                                 "prune.methods=[{name: magnitude, sparsity: 0.8}]"])
+    result = run_pipeline(verifying)
+    for evaluation in result.evaluations:
+        assert [v.method for v in evaluation.verified] == ["ibp", "crown"]
+    stored = json.loads((config.run_dir / "magnitude-0.8" / "evaluate" / "metrics.json").read_text())
+    assert [v["method"] for v in stored["verified"]] == ["ibp", "crown"]

@@ -83,6 +83,20 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--no-progress", action="store_true", help="hide progress bars")
     prune.set_defaults(handler=_prune)
 
+    certify = commands.add_parser("certify", help="verified accuracy of a checkpoint under Linf bounds",
+                                  epilog=EPILOG)
+    certify.add_argument("--checkpoint", required=True, metavar="DIR",
+                         help="a run folder, a variant folder (runs/NAME/hydra-0.9) or a checkpoint folder")
+    certify.add_argument("--method", required=True, choices=["ibp", "crown_ibp", "crown"],
+                         help="interval bounds, CROWN on IBP intermediate bounds, or full CROWN")
+    certify.add_argument("--eps", help="Linf radius, e.g. 0.1 or 2/255 (default: the run's threat)")
+    certify.add_argument("--samples", type=int, help="certify this many samples of the split")
+    certify.add_argument("--split", choices=["test", "val"], help="data split")
+    certify.add_argument("--best", action="store_true", help="use the best checkpoint instead of the last")
+    certify.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a key of the stored config")
+    certify.set_defaults(handler=_certify)
+
     report = commands.add_parser("report", help="a results table of finished runs", epilog=EPILOG)
     report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, e.g. runs/quickstart")
     report.add_argument("--markdown", action="store_true", help="print a Markdown table")
@@ -134,6 +148,21 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _certify(args) -> int:
+    from cardkit.engine import certify_checkpoint
+
+    flags = {"eps": "evaluate.verify_eps", "samples": "evaluate.samples", "split": "evaluate.split"}
+    overrides = list(args.overrides) + [f"{key}={getattr(args, flag)}" for flag, key in flags.items()
+                                        if getattr(args, flag) is not None]
+    folder, result = certify_checkpoint(args.checkpoint, args.method, overrides,
+                                        pointer="best" if args.best else "last")
+    header = ["model folder", "method", "split", "samples", "linf eps", "clean acc", "verified acc", "seconds"]
+    row = [str(folder), result.method, result.split, str(result.samples), f"{result.eps:.4g}",
+           f"{result.clean_accuracy:.4f}", f"{result.verified_accuracy:.4f}", f"{result.seconds:.1f}"]
+    print(format_table(header, [row]))
+    return 0
+
+
 def _prune(args) -> int:
     from cardkit.engine import prune_checkpoint
     from cardkit.numbers import parse_number
@@ -170,22 +199,24 @@ def _models(args) -> int:
 def _report(args) -> int:
     from cardkit.engine import read_results
 
-    rows = [_result_row(r["run"], r["dataset"], r.get("variant", "dense"), r["model"], r["robustness"])
-            for r in read_results(args.runs)]
+    rows = [_result_row(r["run"], r["dataset"], r.get("variant", "dense"), r["model"], r["robustness"],
+                        r.get("verified", [])) for r in read_results(args.runs)]
     print(format_table(RESULT_HEADER, rows, markdown=args.markdown))
     return 0
 
 
 RESULT_HEADER = ["run", "data", "model", "variant", "sparsity", "split", "samples", "clean acc",
-                 "robust acc", "attack", "kept params", "size (bytes)"]
+                 "robust acc", "attack", "verified acc", "kept params", "size (bytes)"]
 
 
-def _result_row(run: str, dataset: str, variant: str, model: dict, ev: dict) -> list[str]:
+def _result_row(run: str, dataset: str, variant: str, model: dict, ev: dict,
+                verified: list[dict] = ()) -> list[str]:
     robust = "-" if ev["robust_accuracy"] is None else f"{ev['robust_accuracy']:.4f}"
     attack = "-" if ev["steps"] == 0 else (
         f"{ev['attack']} x{ev['restarts']}, {ev['norm']} eps {ev['eps']:.4g}")
     return [run, dataset, model["name"], variant, f"{model.get('sparsity', 0.0):.4f}", ev["split"],
             str(ev["samples"]), f"{ev['clean_accuracy']:.4f}", robust, attack,
+            ", ".join(f"{v['method']} {v['verified_accuracy']:.4f}" for v in verified) or "-",
             f"{model.get('kept_parameters', model['parameters']):,}", f"{model['size_bytes']:,}"]
 
 
@@ -195,8 +226,8 @@ def _print_result(result) -> None:
             last = rows[-1]
             accuracy = {k: v for k, v in last.items() if k.endswith("accuracy") and v is not None}
             print(f"{stage}: {last['epoch']} epochs, " + ", ".join(f"{k} {v:.4f}" for k, v in accuracy.items()))
-    rows = [_result_row(result.run_dir.name, result.dataset, e.variant, e.model, e.robustness.to_dict())
-            for e in result.evaluations]
+    rows = [_result_row(result.run_dir.name, result.dataset, e.variant, e.model, e.robustness.to_dict(),
+                        [v.to_dict() for v in e.verified]) for e in result.evaluations]
     if rows:
         print(format_table(RESULT_HEADER, rows))
     print(f"outputs: {result.run_dir}")

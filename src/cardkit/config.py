@@ -118,6 +118,8 @@ class EvaluateConfig(Section):
     samples: Optional[PositiveInt] = None
     checkpoint: Literal["last", "best"] = "last"
     attack: AttackConfig = Field(default_factory=AttackConfig)
+    verify: list[Literal["ibp", "crown_ibp", "crown"]] = Field(default_factory=list)  # Linf bounds
+    verify_eps: Optional[Number] = Field(None, ge=0)  # default: the threat's eps
 
 
 class RunConfig(Section):

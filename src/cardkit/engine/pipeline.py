@@ -34,6 +34,7 @@ from cardkit.data import ArrayDataset, Augmentation, BatchLoader, DatasetSplits,
 from cardkit.engine.checkpoint import (Checkpoint, has_checkpoint, load_checkpoint,
                                        save_checkpoint, write_json_atomic)
 from cardkit.errors import CardkitError
+from cardkit.certify import VerificationResult, verified_accuracy
 from cardkit.eval import RobustnessResult, evaluate_robustness
 from cardkit.models import create_model
 from cardkit.objectives import build_objective
@@ -56,6 +57,7 @@ class Evaluation:
     variant: str
     model: dict[str, Any]
     robustness: RobustnessResult
+    verified: list[VerificationResult] = field(default_factory=list)
 
 
 @dataclass
@@ -402,12 +404,43 @@ def _evaluate(run: _Run, variant: str, model: nn.Module, folder: Path,
     result = evaluate_robustness(model, loader.epoch(), threat, steps=ev.attack.steps,
                                  restarts=ev.attack.restarts, step_size=ev.attack.step_size,
                                  split=ev.split)
+    verified = [verified_accuracy(model, loader.epoch(), _verify_eps(config), method, ev.split)
+                for method in ev.verify]
     summary = summarize_model(model)
     write_json_atomic(folder / "evaluate" / "metrics.json", {
         "variant": variant, "checkpoint": str(checkpoint.path), "dataset": config.data.name,
         "model": summary, "pruning": checkpoint.meta.get("pruning"),
-        "robustness": result.to_dict(), "layers": sparsity_report(model)["layers"]})
-    return Evaluation(variant, summary, result)
+        "robustness": result.to_dict(), "verified": [v.to_dict() for v in verified],
+        "layers": sparsity_report(model)["layers"]})
+    return Evaluation(variant, summary, result, verified)
+
+
+def _verify_eps(config: RunConfig) -> float:
+    if config.evaluate.verify_eps is not None:
+        return config.evaluate.verify_eps
+    if config.threat.norm != "linf":
+        raise CardkitError("evaluate.verify bounds Linf balls but the threat is l2; set "
+                           "evaluate.verify_eps to the Linf radius to verify")
+    return config.threat.eps
+
+
+def certify_checkpoint(path: str | Path, method: str, overrides: list[str] = (), *,
+                       pointer: str = "last") -> tuple[Path, VerificationResult]:
+    """Verified accuracy of a saved model under IBP, CROWN-IBP or CROWN bounds, written to
+    <folder>/certify/<method>.json beside the model's run or variant folder."""
+    checkpoint = _find_checkpoint(Path(path), pointer)
+    config = validate_config(checkpoint.meta["config"], list(overrides))
+    device = resolve_device(config.device)
+    splits = load_data(config)
+    model = model_from_checkpoint(checkpoint).to(device)
+    data = _subset(getattr(splits, config.evaluate.split), config.evaluate.samples, config.seed)
+    loader = BatchLoader(data, config.data.eval_batch_size, device=device)
+    result = verified_accuracy(model, loader.epoch(), _verify_eps(config), method, config.evaluate.split)
+    folder = checkpoint.path.parents[2]
+    write_json_atomic(folder / "certify" / f"{method}.json",
+                      {"checkpoint": str(checkpoint.path), "dataset": config.data.name,
+                       "model": summarize_model(model), "verification": result.to_dict()})
+    return folder, result
 
 
 def _subset(data: ArrayDataset, n: int | None, seed: int) -> ArrayDataset:
