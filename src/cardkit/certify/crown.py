@@ -115,11 +115,15 @@ def _relu_back(coeffs, bias, bounds: Bounds):
 
 def _affine_back(layer, coeffs, bias, in_shape):
     """f(x) = L x + c: coefficients A become A L (a vector-Jacobian product), bias gains A . c."""
+    differentiable = torch.is_grad_enabled()
     n, s = coeffs.shape[:2]
     flat = coeffs.reshape(n * s, *coeffs.shape[2:])
     with torch.enable_grad():
         zero = torch.zeros(n * s, *in_shape, device=coeffs.device, dtype=coeffs.dtype, requires_grad=True)
         constant = layer(zero)
-        (back,) = torch.autograd.grad(constant, zero, grad_outputs=flat)
-    bias = bias + (flat * constant.detach()).flatten(1).sum(1).view(n, s)
+        # While training (grad enabled outside), keep the graph so the bound is differentiable.
+        (back,) = torch.autograd.grad(constant, zero, grad_outputs=flat, create_graph=differentiable)
+    if not differentiable:
+        constant = constant.detach()
+    bias = bias + (flat * constant).flatten(1).sum(1).view(n, s)
     return back.view(n, s, *in_shape), bias

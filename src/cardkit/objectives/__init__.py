@@ -4,10 +4,13 @@ An objective never loads data, never touches the optimizer and never knows which
 running. Each one is a config class (its `name` is the YAML tag) plus a handler registered for it.
 """
 
-from cardkit.objectives.registry import (OBJECTIVE_CONFIGS, Objective, build_objective,
+from cardkit.objectives.registry import (OBJECTIVE_CONFIGS, OBJECTIVES, Objective, build_objective,
                                          register_objective)
 from cardkit.objectives import standard  # noqa: F401  (registers natural, pgd_at, trades)
 from cardkit.objectives.standard import NaturalConfig, PGDATConfig, TradesConfig
+from cardkit.objectives import certified  # noqa: F401,E402  (registers ibp, crown_ibp, mixtrain)
+from cardkit.objectives.certified import CrownIBPConfig, IBPConfig, MixTrainConfig
 
-__all__ = ["OBJECTIVE_CONFIGS", "Objective", "build_objective", "register_objective",
-           "NaturalConfig", "PGDATConfig", "TradesConfig"]
+__all__ = ["OBJECTIVES", "OBJECTIVE_CONFIGS", "Objective", "build_objective", "register_objective",
+           "NaturalConfig", "PGDATConfig", "TradesConfig", "IBPConfig",
+           "CrownIBPConfig", "MixTrainConfig"]
