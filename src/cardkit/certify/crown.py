@@ -13,9 +13,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from cardkit.certify.ibp import (Bounds, _layers, _margin_spec, _propagate, input_bounds,
+from cardkit.certify.ibp import (Bounds, _layers, _margin_spec, _propagate, _weight, input_bounds,
                                  supported_layers)
 from cardkit.errors import CardkitError
 from cardkit.models import Normalize
@@ -66,10 +67,12 @@ class _Network:
                 coeffs, bias = _relu_back(coeffs, bias, self.relu_bounds[index])
             else:
                 coeffs, bias = _affine_back(layer, coeffs, bias, self.shapes[index])
-        positive, negative = coeffs.clamp(min=0), coeffs.clamp(max=0)
-        box = self.box
-        lower = (positive * box.lower.unsqueeze(1) + negative * box.upper.unsqueeze(1)).flatten(2).sum(2)
-        return lower + bias
+        n, s = coeffs.shape[:2]
+        coeffs = coeffs.reshape(n, s, -1)
+        centre = ((self.box.upper + self.box.lower) / 2).reshape(n, -1, 1)
+        radius = ((self.box.upper - self.box.lower) / 2).reshape(n, -1, 1)
+        lower = torch.bmm(coeffs, centre) - torch.bmm(coeffs.abs(), radius)
+        return lower.squeeze(2) + bias
 
 
 def _prepare(model, x, eps, intermediate) -> _Network:
@@ -103,18 +106,70 @@ def _intersect(a: Bounds, b: Bounds) -> Bounds:
 
 
 def _relu_back(coeffs, bias, bounds: Bounds):
-    l, u = bounds.lower.unsqueeze(1), bounds.upper.unsqueeze(1)
+    """Positive coefficients take the lower line, negative ones the upper line (with its
+    intercept); written with few passes over the large N x S x neurons tensor."""
+    l, u = bounds.lower, bounds.upper
     unstable = (l < 0) & (u > 0)
-    upper_slope = torch.where(unstable, u / (u - l).clamp_min(1e-12), (l >= 0).to(coeffs.dtype))
+    active = (l >= 0).to(coeffs.dtype)
+    upper_slope = torch.where(unstable, u / (u - l).clamp_min(1e-12), active)
     upper_intercept = torch.where(unstable, -l * upper_slope, torch.zeros_like(l))
-    lower_slope = torch.where(unstable, (u > -l).to(coeffs.dtype), (l >= 0).to(coeffs.dtype))
-    positive, negative = coeffs.clamp(min=0), coeffs.clamp(max=0)
-    bias = bias + (negative * upper_intercept).flatten(2).sum(2)
-    return positive * lower_slope + negative * upper_slope, bias
+    lower_slope = torch.where(unstable, (u > -l).to(coeffs.dtype), active)
+    n, s = coeffs.shape[:2]
+    positive = coeffs.clamp(min=0)
+    new = coeffs * upper_slope.unsqueeze(1) + positive * (lower_slope - upper_slope).unsqueeze(1)
+    negative = (coeffs - positive).reshape(n, s, -1)
+    bias = bias + torch.bmm(negative, upper_intercept.reshape(n, -1, 1)).squeeze(2)
+    return new, bias
 
 
 def _affine_back(layer, coeffs, bias, in_shape):
-    """f(x) = L x + c: coefficients A become A L (a vector-Jacobian product), bias gains A . c."""
+    """f(x) = L x + c: coefficients A become A L, and the bias gains A . c. The common layers have
+    closed forms (plain differentiable ops, cheap to train through); others go through a
+    vector-Jacobian product."""
+    n, s = coeffs.shape[:2]
+    flat = coeffs.reshape(n * s, *coeffs.shape[2:])
+    if isinstance(layer, nn.Linear):
+        weight = _weight(layer)
+        if layer.bias is not None:
+            bias = bias + (coeffs @ layer.bias)
+        return coeffs @ weight, bias
+    if isinstance(layer, nn.Conv2d) and layer.groups == 1 and layer.dilation == (1, 1) \
+            and isinstance(layer.padding, tuple):
+        back = _conv_back(layer, flat, in_shape)
+        if layer.bias is not None:
+            bias = bias + (coeffs.sum((3, 4)) @ layer.bias)
+        return back.view(n, s, *in_shape), bias
+    if isinstance(layer, (Normalize, nn.BatchNorm2d)):
+        scale, shift = _channel_affine(layer)
+        bias = bias + (coeffs * shift.unsqueeze(0)).flatten(2).sum(2)
+        return coeffs * scale.unsqueeze(0), bias
+    if isinstance(layer, nn.Flatten):
+        return coeffs.reshape(n, s, *in_shape), bias
+    return _vjp_back(layer, coeffs, bias, in_shape)
+
+
+def _conv_back(layer: nn.Conv2d, flat: torch.Tensor, in_shape) -> torch.Tensor:
+    """A L for a convolution: a transposed convolution with the output padding that restores the
+    input's size."""
+    sizes = []
+    for dim, size in enumerate(in_shape[1:]):
+        out = flat.shape[2 + dim]
+        stride, pad, kernel = layer.stride[dim], layer.padding[dim], layer.kernel_size[dim]
+        sizes.append(size - ((out - 1) * stride - 2 * pad + kernel))
+    return F.conv_transpose2d(flat, _weight(layer), stride=layer.stride, padding=layer.padding,
+                              output_padding=tuple(sizes))
+
+
+def _channel_affine(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel scale and shift, shaped (1, C, 1, 1)."""
+    if isinstance(layer, Normalize):
+        return 1 / layer.std, -layer.mean / layer.std
+    scale = layer.weight / torch.sqrt(layer.running_var + layer.eps)
+    shift = layer.bias - layer.running_mean * scale
+    return scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)
+
+
+def _vjp_back(layer, coeffs, bias, in_shape):
     differentiable = torch.is_grad_enabled()
     n, s = coeffs.shape[:2]
     flat = coeffs.reshape(n * s, *coeffs.shape[2:])

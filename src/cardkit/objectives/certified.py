@@ -72,13 +72,17 @@ class _Bounded(Objective):
         return ibp_margin_bounds(model, x, y, eps).lower
 
     def __call__(self, model, x, y):
-        logits = model(x)
-        natural = F.cross_entropy(logits, y)
         eps = self.full_eps * self.progress
-        kappa = 1.0 - (1.0 - self.config.kappa) * self.progress
-        robust = bound_loss(self.margins(model, x, y, eps)) if eps > 0 else natural
-        return {"loss": kappa * natural + (1 - kappa) * robust, "logits": logits,
-                "robust_loss": robust.detach()}
+        kappa = 1.0 - (1.0 - self.config.kappa) * self.progress if eps > 0 else 1.0
+        # Without weight on the natural loss, its forward only reports accuracy: no graph.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and kappa > 0):
+            logits = model(x)
+            natural = F.cross_entropy(logits, y)
+        if eps == 0:
+            return {"loss": natural, "logits": logits, "robust_loss": natural.detach()}
+        robust = bound_loss(self.margins(model, x, y, eps))
+        loss = robust if kappa == 0 else kappa * natural + (1 - kappa) * robust
+        return {"loss": loss, "logits": logits, "robust_loss": robust.detach()}
 
 
 class IBP(_Bounded):
