@@ -181,6 +181,12 @@ def test_certify_a_pruned_variant_and_verify_in_the_evaluate_stage(pruned_run, c
         assert results[method]["verified_accuracy"] <= results[method]["clean_accuracy"]
     assert results["ibp"]["verified_accuracy"] <= results["crown"]["verified_accuracy"]
     assert "crown" in capsys.readouterr().out
+    assert main(["certify", "--checkpoint", str(config.run_dir / "hydra-0.8"), "--method", "smoothing",
+                 "--sigma", "0.25", "--n0", "10", "--n", "200", "--samples", "5"]) == 0
+    captured = capsys.readouterr()
+    assert "not trained with Gaussian noise" in captured.err and "cert acc r=0.25" in captured.out
+    smoothing = json.loads((config.run_dir / "hydra-0.8" / "certify" / "smoothing.json").read_text())
+    assert smoothing["verification"]["samples"] == 5
     verifying = validate_config(config.model_dump(mode="json"),
                                 ["evaluate.verify=[ibp, crown]", "evaluate.verify_eps=0.01",
                                  "prune.methods=[{name: magnitude, sparsity: 0.8}]"])

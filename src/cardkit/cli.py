@@ -87,8 +87,15 @@ def _parser() -> argparse.ArgumentParser:
                                   epilog=EPILOG)
     certify.add_argument("--checkpoint", required=True, metavar="DIR",
                          help="a run folder, a variant folder (runs/NAME/hydra-0.9) or a checkpoint folder")
-    certify.add_argument("--method", required=True, choices=["ibp", "crown_ibp", "crown"],
-                         help="interval bounds, CROWN on IBP intermediate bounds, or full CROWN")
+    certify.add_argument("--method", required=True, choices=["ibp", "crown_ibp", "crown", "smoothing"],
+                         help="Linf bounds (interval, CROWN on IBP intermediate bounds, full CROWN), or "
+                              "L2 certification of the Gaussian-smoothed model")
+    certify.add_argument("--sigma", type=float, default=0.25, help="smoothing noise level")
+    certify.add_argument("--n0", type=int, default=100, help="smoothing: selection samples")
+    certify.add_argument("--n", type=int, default=10000, help="smoothing: estimation samples")
+    certify.add_argument("--alpha", type=float, default=0.001, help="smoothing: failure probability")
+    certify.add_argument("--radii", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                         help="smoothing: L2 radii at which to report certified accuracy")
     certify.add_argument("--eps", help="Linf radius, e.g. 0.1 or 2/255 (default: the run's threat)")
     certify.add_argument("--samples", type=int, help="certify this many samples of the split")
     certify.add_argument("--split", choices=["test", "val"], help="data split")
@@ -154,8 +161,15 @@ def _certify(args) -> int:
     flags = {"eps": "evaluate.verify_eps", "samples": "evaluate.samples", "split": "evaluate.split"}
     overrides = list(args.overrides) + [f"{key}={getattr(args, flag)}" for flag, key in flags.items()
                                         if getattr(args, flag) is not None]
+    smoothing = {"sigma": args.sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha, "radii": args.radii}
     folder, result = certify_checkpoint(args.checkpoint, args.method, overrides,
-                                        pointer="best" if args.best else "last")
+                                        pointer="best" if args.best else "last", smoothing=smoothing)
+    if args.method == "smoothing":
+        header = ["model folder", "sigma", "n", "samples", "abstain"] + [f"cert acc r={r:g}" for r in result.radii]
+        row = [str(folder), f"{result.sigma:g}", str(result.n), str(result.samples), f"{result.abstain_rate:.4f}",
+               *(f"{a:.4f}" for a in result.certified_accuracy)]
+        print(format_table(header, [row]))
+        return 0
     header = ["model folder", "method", "split", "samples", "linf eps", "clean acc", "verified acc", "seconds"]
     row = [str(folder), result.method, result.split, str(result.samples), f"{result.eps:.4g}",
            f"{result.clean_accuracy:.4f}", f"{result.verified_accuracy:.4f}", f"{result.seconds:.1f}"]

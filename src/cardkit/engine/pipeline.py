@@ -35,6 +35,7 @@ from cardkit.engine.checkpoint import (Checkpoint, has_checkpoint, load_checkpoi
                                        save_checkpoint, write_json_atomic)
 from cardkit.errors import CardkitError
 from cardkit.certify import VerificationResult, verified_accuracy
+from cardkit.certify.smoothing import check_smoothing, smoothed_accuracy
 from cardkit.eval import RobustnessResult, evaluate_robustness
 from cardkit.models import create_model
 from cardkit.objectives import build_objective
@@ -425,9 +426,10 @@ def _verify_eps(config: RunConfig) -> float:
 
 
 def certify_checkpoint(path: str | Path, method: str, overrides: list[str] = (), *,
-                       pointer: str = "last") -> tuple[Path, VerificationResult]:
-    """Verified accuracy of a saved model under IBP, CROWN-IBP or CROWN bounds, written to
-    <folder>/certify/<method>.json beside the model's run or variant folder."""
+                       pointer: str = "last", smoothing: dict | None = None):
+    """Verified accuracy of a saved model under IBP, CROWN-IBP or CROWN bounds, or certified L2
+    accuracy of its Gaussian-smoothed version (`smoothing`: sigma, n0, n, alpha, radii), written
+    to <folder>/certify/<method>.json beside the model's run or variant folder."""
     checkpoint = _find_checkpoint(Path(path), pointer)
     config = validate_config(checkpoint.meta["config"], list(overrides))
     device = resolve_device(config.device)
@@ -435,7 +437,17 @@ def certify_checkpoint(path: str | Path, method: str, overrides: list[str] = (),
     model = model_from_checkpoint(checkpoint).to(device)
     data = _subset(getattr(splits, config.evaluate.split), config.evaluate.samples, config.seed)
     loader = BatchLoader(data, config.data.eval_batch_size, device=device)
-    result = verified_accuracy(model, loader.epoch(), _verify_eps(config), method, config.evaluate.split)
+    if method == "smoothing":
+        check_smoothing(**{k: smoothing[k] for k in ("sigma", "n0", "n", "alpha")})
+        trained = {getattr(config, stage).objective.name for stage in TRAIN_STAGES}
+        if "gaussian" not in trained:
+            log.warning("this model was not trained with Gaussian noise (objective: gaussian); its "
+                        "smoothed classifier will certify little")
+        torch.manual_seed(config.seed)
+        result = smoothed_accuracy(model, loader.epoch(), split=config.evaluate.split,
+                                   classes=splits.info.num_classes, **smoothing)
+    else:
+        result = verified_accuracy(model, loader.epoch(), _verify_eps(config), method, config.evaluate.split)
     folder = checkpoint.path.parents[2]
     write_json_atomic(folder / "certify" / f"{method}.json",
                       {"checkpoint": str(checkpoint.path), "dataset": config.data.name,

@@ -9,8 +9,8 @@ from cardkit.objectives.registry import (OBJECTIVE_CONFIGS, OBJECTIVES, Objectiv
 from cardkit.objectives import standard  # noqa: F401  (registers natural, pgd_at, trades)
 from cardkit.objectives.standard import NaturalConfig, PGDATConfig, TradesConfig
 from cardkit.objectives import certified  # noqa: F401,E402  (registers ibp, crown_ibp, mixtrain)
-from cardkit.objectives.certified import CrownIBPConfig, IBPConfig, MixTrainConfig
+from cardkit.objectives.certified import CrownIBPConfig, GaussianConfig, IBPConfig, MixTrainConfig
 
 __all__ = ["OBJECTIVES", "OBJECTIVE_CONFIGS", "Objective", "build_objective", "register_objective",
            "NaturalConfig", "PGDATConfig", "TradesConfig", "IBPConfig",
-           "CrownIBPConfig", "MixTrainConfig"]
+           "CrownIBPConfig", "MixTrainConfig", "GaussianConfig"]

@@ -122,3 +122,32 @@ def mixtrain(config: MixTrainConfig, threat: Threat) -> Objective:
     if (config.norm or threat.norm) != "linf":
         raise ValueError("mixtrain's bound loss certifies Linf balls; use norm: linf")
     return MixTrain(config, config.threat(threat))
+
+
+class GaussianConfig(Section):
+    """Gaussian noise augmentation for randomized smoothing (Cohen et al. 2019), with an optional
+    stability term: `stability_weight` x KL(f(x) || f(x + noise)) (Li et al. 2019)."""
+
+    name: Literal["gaussian"] = "gaussian"
+    sigma: Number = Field(0.25, gt=0)
+    stability_weight: NonNegativeFloat = 0.0
+
+
+class Gaussian(Objective):
+    def __init__(self, config: GaussianConfig):
+        self.config = config
+
+    def __call__(self, model, x, y):
+        noisy = x + torch.randn_like(x) * self.config.sigma
+        logits = model(noisy)
+        loss = F.cross_entropy(logits, y)
+        if self.config.stability_weight > 0:
+            clean = model(x).softmax(1)
+            stability = F.kl_div(F.log_softmax(logits, 1), clean, reduction="batchmean")
+            loss = loss + self.config.stability_weight * stability
+        return {"loss": loss, "logits": logits}
+
+
+@register_objective(GaussianConfig)
+def gaussian(config: GaussianConfig, threat: Threat) -> Objective:
+    return Gaussian(config)
