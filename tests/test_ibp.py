@@ -34,6 +34,8 @@ def randomise_batchnorm(model):
     ("cnn_small", (1, 28, 28), {"name": "hydra", "sparsity": 0.8}),
     ("cnn_large", (1, 8, 8), {"name": "biprop", "sparsity": 0.5}),
     ("cnn_small", (1, 8, 8), {"name": "magnitude", "sparsity": 0.9}),
+    ("resnet18", (1, 8, 8), None), ("preact_resnet18", (1, 8, 8), {"name": "hydra", "sparsity": 0.5}),
+    ("wrn_28_4", (1, 8, 8), None),
 ])
 @pytest.mark.parametrize("eps", [0.0, 0.01, 0.05])
 def test_ibp_bounds_contain_every_sampled_output(name, shape, method, eps):
@@ -69,6 +71,9 @@ def test_unsupported_layer_and_training_batchnorm_are_named():
     vgg = create_model("vgg16_bn", 10, 1, 8).train()
     with pytest.raises(CardkitError, match="BatchNorm2d.*eval mode"):
         ibp_bounds(vgg, torch.rand(1, 1, 8, 8), 0.1)
+    resnet = create_model("resnet18", 10, 1, 8).eval()
+    with pytest.raises(CardkitError, match=r"CROWN does not support layer '.*' \(BasicBlock\)"):
+        crown_margin_bounds(resnet, torch.rand(1, 1, 8, 8), torch.tensor([0]), 0.1)
 
 
 from cardkit.certify import crown_bounds, crown_margin_bounds  # noqa: E402

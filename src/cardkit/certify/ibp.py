@@ -17,6 +17,7 @@ from torch import nn
 
 from cardkit.errors import CardkitError
 from cardkit.models import Normalize
+from cardkit.models.resnet import BasicBlock, PreActBlock
 from cardkit.prune.masked import MaskedLayer
 
 _ELEMENTWISE_MONOTONE = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten,
@@ -30,7 +31,8 @@ class Bounds:
 
 
 def supported_layers() -> list[str]:
-    return sorted({"Normalize", "Conv2d", "Linear", "BatchNorm2d (eval)", "Sequential",
+    return sorted({"Normalize", "Conv2d", "Linear", "BatchNorm2d (eval)", "Sequential", "BasicBlock",
+                   "PreActBlock",
                    *(cls.__name__ for cls in _ELEMENTWISE_MONOTONE)})
 
 
@@ -92,7 +94,37 @@ def _weight(layer: nn.Module) -> torch.Tensor:
     return layer.effective_weight() if isinstance(layer, MaskedLayer) else layer.weight
 
 
+def _chain(name: str, layers, b: Bounds) -> Bounds:
+    for part, layer in layers:
+        if layer is not None:
+            b = _propagate(f"{name}.{part}", layer, b)
+    return b
+
+
+def _add(a: Bounds, b: Bounds) -> Bounds:
+    return Bounds(a.lower + b.lower, a.upper + b.upper)
+
+
+def _residual(name: str, block: nn.Module, b: Bounds) -> Bounds:
+    """The two residual blocks of the model registry: branch and shortcut bounded separately
+    and added (sound, though it ignores that both see the same input)."""
+    if isinstance(block, BasicBlock):
+        branch = _chain(name, [("conv1", block.conv1), ("bn1", block.bn1), ("relu1", block.relu1),
+                               ("conv2", block.conv2), ("bn2", block.bn2)], b)
+        shortcut = b if block.shortcut is None else _propagate(f"{name}.shortcut", block.shortcut, b)
+        return _propagate(f"{name}.relu2", block.relu2, _add(branch, shortcut))
+    pre = _chain(name, [("bn1", block.bn1), ("relu1", block.relu1)], b)
+    shortcut = b if block.shortcut is None else _propagate(f"{name}.shortcut", block.shortcut, pre)
+    branch = _chain(name, [("conv1", block.conv1), ("bn2", block.bn2), ("relu2", block.relu2),
+                           ("dropout", block.dropout), ("conv2", block.conv2)], pre)
+    return _add(branch, shortcut)
+
+
 def _propagate(name: str, layer: nn.Module, b: Bounds) -> Bounds:
+    if isinstance(layer, (BasicBlock, PreActBlock)):
+        return _residual(name, layer, b)
+    if isinstance(layer, nn.Sequential):
+        return _chain(name, layer.named_children(), b)
     if isinstance(layer, Normalize):
         return Bounds((b.lower - layer.mean) / layer.std, (b.upper - layer.mean) / layer.std)
     if isinstance(layer, (nn.Conv2d, nn.Linear)):
