@@ -55,6 +55,9 @@ def test_fraction_eps_and_overrides_are_type_checked():
     ({}, ["prune.methods=[{name: hydar, sparsity: 0.5}]"], ["unknown pruning method 'hydar'", "did you mean 'hydra'"]),
     ({}, ["prune.methods=[{name: biprop, sparsity: 0.5, scope: structured}]"], ["magnitude and hydra"]),
     ({}, ["pipeline=[prune, pretrain]"], ["order"]),
+    ({}, ["threat.norm=l2", "evaluate.verify=[crown]"], ["verify_eps"]),
+    ({}, ["evaluate.verify=[crwn]"], ["evaluate.verify.0", "'crown'"]),
+    ({}, ["pretrain.objective={name: gaussian, sigma: 0}"], ["pretrain.objective.sigma", "greater than 0"]),
 ])
 def test_bad_values_give_one_line_naming_key_value_and_valid(raw, overrides, expected):
     message = error_of(raw, overrides)

@@ -152,6 +152,9 @@ class RunConfig(Section):
         if "prune" in self.pipeline and "pretrain" not in self.pipeline:
             raise ValueError("the prune stage prunes the pretrained model: put pretrain before it, "
                              "or prune a saved model with `cardkit prune --checkpoint DIR`")
+        if self.evaluate.verify and self.threat.norm != "linf" and self.evaluate.verify_eps is None:
+            raise ValueError("evaluate.verify bounds Linf balls but the threat is l2; set "
+                             "evaluate.verify_eps to the Linf radius to verify")
         labels = [m.label for m in self.prune.methods]
         if len(set(labels)) != len(labels):
             raise ValueError(f"prune.methods lists the same method and sparsity twice: {labels}")
