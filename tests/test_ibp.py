@@ -171,3 +171,15 @@ def test_bounds_enclose_the_exact_optimum_of_a_tiny_network():
         exact = result.fun + b2[0] - b2[target]
         assert crown[0, j].item() <= exact + 1e-5
         assert ibp[0, j].item() <= crown[0, j].item() + 1e-5
+
+
+def test_crown_ibp_shares_one_ibp_pass_with_the_same_results():
+    from cardkit.certify.crown import crown_ibp_margin_bounds
+
+    torch.manual_seed(0)
+    model = create_model("cnn_large", 10, 1, 8).eval()
+    x, y = torch.rand(3, 1, 8, 8), torch.tensor([1, 5, 9])
+    with torch.no_grad():
+        crown, ibp = crown_ibp_margin_bounds(model, x, y, 0.02)
+        assert torch.allclose(crown, crown_margin_bounds(model, x, y, 0.02, "ibp"), atol=1e-5)
+        assert torch.allclose(ibp, ibp_margin_bounds(model, x, y, 0.02).lower, atol=1e-5)

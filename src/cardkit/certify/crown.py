@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cardkit.certify.ibp import (Bounds, _layers, _margin_spec, _propagate, _weight, input_bounds,
-                                 supported_layers)
+                                 margins_through, supported_layers)
 from cardkit.errors import CardkitError
 from cardkit.models import Normalize
 
@@ -31,6 +31,17 @@ def crown_margin_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps:
     around x within [0, 1]. A sample is verified when all are positive."""
     net = _prepare(model, x, eps, intermediate)
     return net.backward(len(net.layers), _margin_spec(y, net.shapes[-1][0]))
+
+
+def crown_ibp_margin_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CROWN-IBP, IBP) lower margin bounds from one shared IBP pass, for CROWN-IBP training."""
+    net = _prepare(model, x, eps, "ibp")
+    crown = net.backward(len(net.layers), _margin_spec(y, net.shapes[-1][0]))
+    last_name, last = net.layers[-1]
+    if not isinstance(last, nn.Linear):
+        raise CardkitError(f"margin bounds need a Linear last layer, got '{last_name}' ({type(last).__name__})")
+    return crown, margins_through(last, net.penultimate, y).lower
 
 
 def crown_bounds(model: nn.Module, x: torch.Tensor, eps: float,
@@ -48,6 +59,7 @@ class _Network:
     def __init__(self, layers, shapes, box):
         self.layers, self.shapes, self.box = layers, shapes, box
         self.relu_bounds: dict[int, Bounds] = {}
+        self.penultimate: Bounds | None = None  # IBP bounds on the last layer's input
 
     def neuron_bounds(self, end: int) -> Bounds:
         """CROWN bounds of every neuron of the output of layers[:end]."""
@@ -92,12 +104,13 @@ def _prepare(model, x, eps, intermediate) -> _Network:
         shapes.append(tuple(out.shape[1:]))
     net = _Network(layers, shapes, input_bounds(x, eps))
     ibp = net.box
-    for index, (name, layer) in enumerate(layers):
+    for index, (name, layer) in enumerate(layers[:-1]):  # the last layer's output is not needed
         if isinstance(layer, nn.ReLU):
             if intermediate == "crown":
                 ibp = _intersect(ibp, net.neuron_bounds(index))
             net.relu_bounds[index] = ibp
         ibp = _propagate(name, layer, ibp)
+    net.penultimate = ibp
     return net
 
 

@@ -61,6 +61,11 @@ def ibp_margin_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
     bounds = input_bounds(x, eps)
     for layer_name, layer in layers[:-1]:
         bounds = _propagate(layer_name, layer, bounds)
+    return margins_through(last, bounds, y)
+
+
+def margins_through(last: nn.Linear, bounds: Bounds, y: torch.Tensor) -> Bounds:
+    """Margin bounds from interval bounds on the input of the last Linear layer."""
     weight = _weight(last)
     spec = _margin_spec(y, weight.shape[0])  # N x (K-1) x K
     spec_weight = spec @ weight  # N x (K-1) x D

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from pydantic import Field, NonNegativeFloat, PositiveInt
 
 from cardkit.attacks import Threat
-from cardkit.certify.crown import crown_margin_bounds
+from cardkit.certify.crown import crown_ibp_margin_bounds
 from cardkit.certify.ibp import ibp_margin_bounds
 from cardkit.config_base import Section
 from cardkit.numbers import Number
@@ -92,10 +92,10 @@ class IBP(_Bounded):
 class CrownIBP(_Bounded):
     def margins(self, model, x, y, eps):
         beta = self.config.beta_start + (self.config.beta_end - self.config.beta_start) * self.progress
-        ibp = ibp_margin_bounds(model, x, y, eps).lower
         if beta == 0:
-            return ibp
-        return beta * crown_margin_bounds(model, x, y, eps, "ibp") + (1 - beta) * ibp
+            return ibp_margin_bounds(model, x, y, eps).lower
+        crown, ibp = crown_ibp_margin_bounds(model, x, y, eps)
+        return beta * crown + (1 - beta) * ibp
 
 
 class MixTrain(PGDAT):
