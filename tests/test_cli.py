@@ -1,7 +1,6 @@
 """The command line on real data: train, evaluate, resume after SIGKILL; user errors exit 2."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -80,11 +80,11 @@ def test_scores_get_gradients_and_frozen_weights_do_not():
         assert layer.scores.grad is not None and layer.scores.grad.abs().sum() > 0
         assert layer.weight.grad is None and not layer.weight.requires_grad
         assert layer.bias.grad is None
-    norms = [m for m in create_model("resnet18", 10, 1, 8).modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    resnet = create_model("resnet18", 10, 1, 8)
-    prune_model(resnet, HydraConfig(sparsity=0.5, train_norm=True))
-    assert norms and all(p.requires_grad for m in resnet.modules()
-                         if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters())
+    for train_norm in (False, True):
+        resnet = create_model("resnet18", 10, 1, 8)
+        prune_model(resnet, HydraConfig(sparsity=0.5, train_norm=train_norm))
+        norms = [p for m in resnet.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()]
+        assert norms and all(p.requires_grad == train_norm for p in norms)
 
 
 def test_straight_through_gradient_equals_the_masks_gradient(monkeypatch):

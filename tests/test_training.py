@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from cardkit.config import ScheduleConfig, validate_config
 from cardkit.engine import evaluate_checkpoint, run_pipeline

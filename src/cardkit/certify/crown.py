@@ -1,8 +1,8 @@
 """CROWN (Zhang et al. 2018): linear bounds propagated backward from the specification.
 
-Every affine layer (Linear, Conv2d, Normalize, eval BatchNorm2d, Flatten, AvgPool2d, masked and
-binary layers) passes the linear coefficients back through its vector-Jacobian product, one code
-path for all of them; each ReLU is replaced by linear lower and upper lines between its
+Every affine layer (Linear, Conv2d, Normalize, eval BatchNorm2d, Flatten, pooling by averaging,
+masked and binary layers) passes the linear coefficients back: in closed form for the common
+layers, through a vector-Jacobian product for the rest; each ReLU is replaced by linear lower and upper lines between its
 pre-activation bounds (the lower line's slope is 1 when u > -l, else 0). Pre-activation bounds come
 from IBP (`intermediate="ibp"`: CROWN-IBP, Zhang et al. 2020) or from CROWN itself, intersected
 with IBP's (`intermediate="crown"`: tighter, one backward pass per neuron of each layer).
@@ -10,6 +10,7 @@ with IBP's (`intermediate="crown"`: tighter, one backward pass per neuron of eac
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cardkit.certify.ibp import (Bounds, _layers, _margin_spec, _propagate, _weight, input_bounds,
-                                 margins_through, supported_layers)
+                                 margins_through)
 from cardkit.errors import CardkitError
 from cardkit.models import Normalize
 
@@ -64,7 +65,7 @@ class _Network:
     def neuron_bounds(self, end: int) -> Bounds:
         """CROWN bounds of every neuron of the output of layers[:end]."""
         n, shape = len(self.box.lower), self.shapes[end]
-        size = int(torch.tensor(shape).prod())
+        size = math.prod(shape)
         eye = torch.eye(size, device=self.box.lower.device).expand(n, -1, -1).reshape(n, size, *shape)
         lower, upper = self.backward(end, eye), -self.backward(end, -eye)
         return Bounds(lower.view(n, *shape), upper.view(n, *shape))
@@ -91,8 +92,9 @@ def _prepare(model, x, eps, intermediate) -> _Network:
     layers = list(_layers(model))
     for name, layer in layers:
         if not isinstance(layer, _AFFINE + (nn.ReLU,)):
+            supported = sorted({cls.__name__ for cls in _AFFINE} | {"ReLU", "Sequential"})
             raise CardkitError(f"CROWN does not support layer '{name}' ({type(layer).__name__}); "
-                               f"supported: {', '.join(sorted(set(supported_layers()) - {'MaxPool2d'}))}")
+                               f"supported: {', '.join(supported)}; use IBP bounds for other networks")
         if isinstance(layer, nn.BatchNorm2d) and layer.training:
             raise CardkitError(f"layer '{name}' (BatchNorm2d) is in training mode; bounds need "
                                f"the model in eval mode (model.eval())")

@@ -53,8 +53,9 @@ def verified_accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, to
                 clean += int(correct.sum())
                 total += len(y)
                 x, y = x[correct], y[correct]
-                for chunk in range(0, len(y), _chunk_size(model, x, method)):
-                    part = slice(chunk, chunk + _chunk_size(model, x, method))
+                size = _chunk_size(model, x, method)
+                for chunk in range(0, len(y), size):
+                    part = slice(chunk, chunk + size)
                     lower = margin_lower_bounds(model, x[part], y[part], eps, method)
                     verified += int((lower > 0).all(1).sum())
     finally:

@@ -6,9 +6,8 @@ running. Each one is a config class (its `name` is the YAML tag) plus a handler 
 
 from cardkit.objectives.registry import (OBJECTIVE_CONFIGS, OBJECTIVES, Objective, build_objective,
                                          register_objective)
-from cardkit.objectives import standard  # noqa: F401  (registers natural, pgd_at, trades)
+# Importing the modules registers their objectives, in this order (the YAML tags' order).
 from cardkit.objectives.standard import NaturalConfig, PGDATConfig, TradesConfig
-from cardkit.objectives import certified  # noqa: F401,E402  (registers ibp, crown_ibp, mixtrain)
 from cardkit.objectives.certified import CrownIBPConfig, GaussianConfig, IBPConfig, MixTrainConfig
 
 __all__ = ["OBJECTIVES", "OBJECTIVE_CONFIGS", "Objective", "build_objective", "register_objective",

@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, NonNegativeFloat, PositiveInt
+from pydantic import Field, NonNegativeFloat
 
 from cardkit.attacks import Threat
 from cardkit.certify.crown import crown_ibp_margin_bounds
