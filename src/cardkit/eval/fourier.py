@@ -110,9 +110,11 @@ def _bases(freqs: torch.Tensor, height: int, width: int, dtype: torch.dtype) -> 
     h = torch.arange(height, device=freqs.device)
     w = torch.arange(width, device=freqs.device)
     i, j = freqs[:, 0, None, None], freqs[:, 1, None, None]
-    # Integer phases taken mod H and W make U_ij and U_{-i,-j} bit-identical.
-    phase = ((i * h[:, None]) % height).double() / height + ((j * w) % width).double() / width
-    basis = torch.cos(2 * math.pi * phase)
+    # The phase in units of 1 / (H W), folded onto [0, H W / 2] (cos is even): exact integers make
+    # U_ij and U_{-i,-j} bit-identical.
+    phase = (i * h[:, None] * width + j * w * height) % (height * width)
+    phase = torch.minimum(phase, height * width - phase)
+    basis = torch.cos(phase.double() * (2 * math.pi / (height * width)))
     return (basis / basis.flatten(1).norm(dim=1)[:, None, None]).to(dtype)
 
 
