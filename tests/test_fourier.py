@@ -74,10 +74,16 @@ def test_map_is_symmetric_under_negated_frequency(height, width):
             assert result.error[a][b] == result.error[c][d]
 
 
-def test_mean_model_fails_only_at_the_zero_frequency():
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                  reason="no CUDA device"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mean_model_fails_only_at_the_zero_frequency(device):
     x = 0.3 + 0.3 * torch.rand(64, 1, 8, 8)  # far enough from 0 and 1 that no basis noise is clipped
     y = (x.mean((1, 2, 3)) > 0.5).long()
-    result = fourier_heat_map(MeanThreshold(), x, y, 1.0, generator=torch.Generator().manual_seed(0))
+    result = fourier_heat_map(MeanThreshold(), x.to(device), y.to(device), 1.0,
+                              generator=torch.Generator().manual_seed(0))
     error = torch.tensor(result.error)
     assert result.clean_error == 0.0
     assert 0.2 < error[4, 4] < 0.8  # the mean moves by +-1/8 and flips about half the labels
