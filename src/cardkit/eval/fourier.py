@@ -7,7 +7,6 @@ The heat map holds the error rate at every frequency, zero frequency at the cent
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -17,9 +16,6 @@ import torch
 from torch import nn
 
 from cardkit.errors import CardkitError
-
-log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class FourierHeatMap:
@@ -56,12 +52,11 @@ def fourier_heat_map(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
     start = time.perf_counter()
     try:
         with torch.no_grad():
-            clean_error = _wrong(model, x, y, batch_size).float().mean().item()
+            clean_error = _wrong(model, x, y, batch_size).double().mean().item()
             wrong = _wrong_per_frequency(model, x, y, eps, freqs.to(x.device), signs, batch_size)
     finally:
         model.train(was_training)
     rates = wrong.cpu().double() / len(x)
-    log.debug("Fourier heat map at eps %g: %d frequencies x %d samples", eps, len(freqs), len(x))
     return FourierHeatMap(eps=float(eps), samples=len(x), clean_error=clean_error,
                           error=_centred_map(freqs, rates, height, width).tolist(),
                           seconds=time.perf_counter() - start)
@@ -69,6 +64,8 @@ def fourier_heat_map(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
 
 def save_heat_map(result: FourierHeatMap, path: str | Path, title: str = "") -> None:
     """Writes the heat map as a PNG (matplotlib, Agg backend, colour bar, frequency axes)."""
+    # Imported here so that evaluation alone does not load matplotlib; the figure has its own Agg
+    # canvas, which leaves pyplot's global backend and state alone.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
