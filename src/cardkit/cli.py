@@ -104,6 +104,44 @@ def _parser() -> argparse.ArgumentParser:
                          help="override a key of the stored config")
     certify.set_defaults(handler=_certify)
 
+    corrupt = commands.add_parser("corrupt", help="write a corrupted copy of a dataset (CIFAR-10-C layout)",
+                                  epilog=EPILOG)
+    corrupt.add_argument("--data", default="cifar10", help="dataset name (see `cardkit datasets`)")
+    corrupt.add_argument("--data-dir", default="data", help="folder of the dataset's files")
+    corrupt.add_argument("--split", choices=["test", "train"], default="test", help="split to corrupt")
+    corrupt.add_argument("--samples", type=int, help="corrupt a seeded subset of this many images")
+    corrupt.add_argument("--corruptions", nargs="+", default=["all"], metavar="NAME",
+                         help="corruption names, or benchmark (the 15), extras (the 4), all (default)")
+    corrupt.add_argument("--seed", type=int, default=0, help="seed of the random corruptions")
+    corrupt.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    corrupt.add_argument("--list", action="store_true", help="list the corruptions and exit")
+    corrupt.set_defaults(handler=_corrupt)
+
+    deck = commands.add_parser("deck", help="build and evaluate CARD-Decks", epilog=EPILOG)
+    deck_commands = deck.add_subparsers(dest="deck_command", required=True, metavar="ACTION")
+    build = deck_commands.add_parser("build", help="build a deck from a deck config", epilog=EPILOG)
+    build.add_argument("config", help="deck YAML, e.g. configs/deck.yaml")
+    build.set_defaults(handler=_deck_build)
+    deck_eval = deck_commands.add_parser("evaluate", help="clean and corruption accuracy of a deck and its cards",
+                                         epilog=EPILOG)
+    deck_eval.add_argument("--deck", required=True, metavar="DIR", help="a deck folder (runs/NAME)")
+    deck_eval.add_argument("--gating", choices=["fixed", "adaptive"], help="default: the deck's")
+    deck_eval.add_argument("--k", type=int, help="adaptive gating: cards averaged per batch")
+    deck_eval.add_argument("--distance", choices=["l2", "l1", "cosine"], help="spectral distance")
+    _corruption_arguments(deck_eval)
+    deck_eval.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    deck_eval.set_defaults(handler=_deck_evaluate)
+
+    fourier = commands.add_parser("fourier", help="Fourier heat map of a checkpoint's error (PNG and JSON)",
+                                  epilog=EPILOG)
+    fourier.add_argument("--checkpoint", required=True, metavar="DIR", help="a run, variant or checkpoint folder")
+    fourier.add_argument("--eps", type=float, default=4.0, help="L2 norm of the Fourier noise")
+    fourier.add_argument("--samples", type=int, default=500, help="test images per frequency")
+    fourier.add_argument("--seed", type=int, default=0)
+    fourier.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a key of the stored config")
+    fourier.set_defaults(handler=_fourier)
+
     report = commands.add_parser("report", help="a results table of finished runs", epilog=EPILOG)
     report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, e.g. runs/quickstart")
     report.add_argument("--markdown", action="store_true", help="print a Markdown table")
@@ -114,6 +152,16 @@ def _parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list the registered models")
     models.set_defaults(handler=_models)
     return parser
+
+
+def _corruption_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--corruptions", nargs="+", default=["benchmark"], metavar="NAME",
+                        help="corruption names, or benchmark (the 15, default), extras, all")
+    parser.add_argument("--severities", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    parser.add_argument("--samples", type=int, help="test images per corruption and severity")
+    parser.add_argument("--suite", metavar="DIR",
+                        help="folder of official <corruption>.npy files (CIFAR-10-C); default: generated")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the test subset and generated corruptions")
 
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -193,6 +241,68 @@ def _prune(args) -> int:
     result = prune_checkpoint(args.checkpoint, method, args.overrides, finetune=not args.no_finetune,
                               progress=not args.no_progress)
     _print_result(result)
+    return 0
+
+
+def _corrupt(args) -> int:
+    import time
+
+    from cardkit.corrupt import corruption_names, expand_names
+    from cardkit.corrupt.files import write_suite
+    from cardkit.data import load_dataset
+
+    if args.list:
+        print("\n".join(corruption_names()))
+        return 0
+    names = expand_names(args.corruptions)
+    sizes = {"test_size": args.samples} if args.split == "test" else {"train_size": args.samples}
+    splits = load_dataset(args.data, args.data_dir, download=False, seed=args.seed, **sizes)
+    dataset = getattr(splits, args.split)
+    start = time.perf_counter()
+    files = write_suite(dataset, args.out, names, seed=args.seed)
+    print(f"{len(names)} corruptions x 5 severities of {len(dataset)} {args.data} {args.split} images "
+          f"in {time.perf_counter() - start:.1f} s: {len(files)} files in {args.out}")
+    return 0
+
+
+def _deck_build(args) -> int:
+    from cardkit.engine.deck import build_deck, load_deck_config
+
+    folder = build_deck(load_deck_config(args.config))
+    print(f"deck written to {folder}; evaluate it with `cardkit deck evaluate --deck {folder}`")
+    return 0
+
+
+def _deck_evaluate(args) -> int:
+    from cardkit.engine.deck import evaluate_deck
+
+    report = evaluate_deck(args.deck, gating=args.gating, k=args.k, distance=args.distance,
+                           names=args.corruptions, severities=args.severities, samples=args.samples,
+                           suite=args.suite, seed=args.seed, device=args.device)
+    header = ["model", "clean acc", "mean corruption acc", "worst corruption", "seconds"]
+    rows = []
+    for label, result in report["results"].items():
+        worst = min(result["accuracy"], key=lambda n: sum(result["accuracy"][n]))
+        rows.append([label, f"{result['clean_accuracy']:.4f}", f"{result['mean_accuracy']:.4f}",
+                     f"{worst} {sum(result['accuracy'][worst]) / len(result['severities']):.4f}",
+                     f"{result['seconds']:.1f}"])
+    print(format_table(header, rows))
+    memory = report["memory"]
+    print(f"deck ({report['gating']} gating, k={report['k']}): {memory['cards']} cards, "
+          f"{memory['deck_bytes']:,} bytes; one dense model: {memory['dense_model_bytes']:,} bytes")
+    print(f"outputs: {args.deck}/evaluate/metrics.json")
+    return 0
+
+
+def _fourier(args) -> int:
+    from cardkit.engine import fourier_checkpoint
+
+    folder, result = fourier_checkpoint(args.checkpoint, eps=args.eps, samples=args.samples,
+                                        seed=args.seed, overrides=args.overrides)
+    print(f"clean error {result.clean_error:.4f}; error under Fourier noise of L2 norm {result.eps:g}: "
+          f"mean {sum(map(sum, result.error)) / sum(map(len, result.error)):.4f}, "
+          f"max {max(map(max, result.error)):.4f} ({result.samples} images, {result.seconds:.1f} s)")
+    print(f"outputs: {folder}/fourier/heatmap.png, {folder}/fourier/heatmap.json")
     return 0
 
 

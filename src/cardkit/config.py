@@ -18,6 +18,7 @@ from cardkit.config_base import Section
 from cardkit.errors import CardkitError
 from cardkit.numbers import Number
 from cardkit.objectives import OBJECTIVE_CONFIGS, NaturalConfig
+from cardkit.objectives.augment import AUGMENT_CONFIGS, AugmentConfig
 from cardkit.prune import METHOD_CONFIGS
 
 ObjectiveConfig = Annotated[Union[tuple(OBJECTIVE_CONFIGS)], Field(discriminator="name")]
@@ -90,6 +91,7 @@ class ScheduleConfig(Section):
 class TrainStageConfig(Section):
     epochs: PositiveInt = 10
     objective: ObjectiveConfig = Field(default_factory=NaturalConfig)
+    augment: Optional[AugmentConfig] = None  # augmix or gaussian noise, around the objective
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     grad_clip: Optional[Number] = Field(None, gt=0)
@@ -113,6 +115,32 @@ class AttackConfig(Section):
     norm: Optional[Literal["linf", "l2"]] = None
 
 
+class CorruptionEvalConfig(Section):
+    """Accuracy under common corruptions (off while `names` is empty)."""
+
+    names: list[str] = Field(default_factory=list)  # corruption names, or "benchmark" (the 15), "all"
+    severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
+    suite: Optional[str] = None  # folder of official <corruption>.npy files; default: generated
+    seed: NonNegativeInt = 0  # of the generated corruptions
+    baseline: Optional[str] = None  # corruption.json of a baseline model, for mCE
+
+    @field_validator("names")
+    @classmethod
+    def _known_names(cls, names: list[str]) -> list[str]:
+        from cardkit.corrupt import expand_names
+
+        return _as_value_error(expand_names, names)
+
+    @field_validator("severities")
+    @classmethod
+    def _valid_severities(cls, severities: list[int]) -> list[int]:
+        from cardkit.corrupt import check_severity
+
+        if not severities:
+            raise ValueError("give at least one severity from 1 to 5")
+        return [_as_value_error(check_severity, s) for s in severities]
+
+
 class EvaluateConfig(Section):
     split: Literal["test", "val"] = "test"
     samples: Optional[PositiveInt] = None
@@ -120,6 +148,7 @@ class EvaluateConfig(Section):
     attack: AttackConfig = Field(default_factory=AttackConfig)
     verify: list[Literal["ibp", "crown_ibp", "crown"]] = Field(default_factory=list)  # Linf bounds
     verify_eps: Optional[Number] = Field(None, ge=0)  # default: the threat's eps
+    corruption: CorruptionEvalConfig = Field(default_factory=CorruptionEvalConfig)
 
 
 class RunConfig(Section):
@@ -242,13 +271,18 @@ def _apply_override(raw: dict, defaults: dict, item: str) -> None:
 
 
 def _validate(raw: dict) -> RunConfig:
+    return validate_section(RunConfig, raw)
+
+
+def validate_section(root: type[Section], raw: dict):
+    """`root` validated from `raw`, or a CardkitError with one line on the first problem."""
     try:
-        return RunConfig.model_validate(raw)
+        return root.model_validate(raw)
     except ValidationError as err:
-        raise CardkitError(_describe(err, raw)) from None
+        raise CardkitError(_describe(err, raw, root)) from None
 
 
-def _describe(err: ValidationError, raw: dict) -> str:
+def _describe(err: ValidationError, raw: dict, root: type[Section]) -> str:
     """One line for the first error: key, value given, what is valid."""
     errors = err.errors()
     first = errors[0]
@@ -259,12 +293,12 @@ def _describe(err: ValidationError, raw: dict) -> str:
     more = f" (and {len(errors) - 1} more problem{'s' * (len(errors) > 2)})" if len(errors) > 1 else ""
     kind = first["type"]
     if kind == "extra_forbidden":
-        valid = _valid_keys(raw_loc[:-1])
+        valid = _valid_keys(raw_loc[:-1], root)
         close = difflib.get_close_matches(loc[-1], valid, n=2)
         hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
         return f"unknown config key '{key}'; {hint}valid keys here: {', '.join(valid)}{more}"
     if kind == "union_tag_invalid":
-        what = "objective" if loc[-1] == "objective" else "pruning method"
+        what = {"objective": "objective", "augment": "augmentation"}.get(loc[-1], "pruning method")
         names = [c.model_fields["name"].default for c in _tagged_configs(loc[-1])]
         given = first["input"].get("name") if isinstance(first["input"], dict) else first["input"]
         close = difflib.get_close_matches(str(given), names, n=2)
@@ -282,6 +316,8 @@ def _objective_names() -> list[str]:
 
 def _tagged_configs(parent: str) -> list:
     """The config classes of a tagged union found under the key `parent`."""
+    if parent == "augment":
+        return list(AUGMENT_CONFIGS)
     return OBJECTIVE_CONFIGS if parent == "objective" else METHOD_CONFIGS if parent.isdigit() else []
 
 
@@ -292,8 +328,8 @@ def _is_tag(before: list[str], part: str) -> bool:
     return part in [c.model_fields["name"].default for c in _tagged_configs(before[-1])]
 
 
-def _valid_keys(loc: list[str]) -> list[str]:
-    model = RunConfig
+def _valid_keys(loc: list[str], root: type[Section]) -> list[str]:
+    model = root
     for i, part in enumerate(loc):
         if _is_tag(loc[:i], part):
             model = next(c for c in _tagged_configs(loc[i - 1]) if c.model_fields["name"].default == part)

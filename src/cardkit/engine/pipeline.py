@@ -21,7 +21,7 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import yaml
@@ -36,9 +36,13 @@ from cardkit.engine.checkpoint import (Checkpoint, has_checkpoint, load_checkpoi
 from cardkit.errors import CardkitError
 from cardkit.certify import VerificationResult, verified_accuracy
 from cardkit.certify.smoothing import check_smoothing, smoothed_accuracy
+from cardkit.corrupt.files import CorruptedSuite, GeneratedSuite
 from cardkit.eval import RobustnessResult, evaluate_robustness
+from cardkit.eval.corruption import CorruptionResult, evaluate_corruptions
+from cardkit.eval.fourier import FourierHeatMap, fourier_heat_map, save_heat_map
 from cardkit.models import create_model
 from cardkit.objectives import build_objective
+from cardkit.objectives.augment import stage_domain, with_augmentation
 from cardkit.prune import (LotteryConfig, MaskGroup, method_config, prune_model, prune_round,
                            restore_masks, sparsity_report, to_structured)
 from cardkit.prune.structured import create_structured
@@ -59,6 +63,7 @@ class Evaluation:
     model: dict[str, Any]
     robustness: RobustnessResult
     verified: list[VerificationResult] = field(default_factory=list)
+    corruption: Optional[CorruptionResult] = None
 
 
 @dataclass
@@ -138,7 +143,8 @@ def _run_variant(run: _Run, method: Section, index: int, result: RunResult) -> N
             on_step=setup.after_step)
         if method.scope == "structured":  # channels ranked by the trained scores
             source = "rebuild"
-            _save_one_shot(folder / source, lambda: to_structured(model, method), config, meta)
+            _save_one_shot(folder / source, lambda: to_structured(model, method), config, meta,
+                           trained_in="prune")
     else:
         _save_one_shot(folder / source, lambda: model, config, meta)
     last_stage = source
@@ -175,7 +181,8 @@ def _lottery_rounds(run: _Run, method: LotteryConfig, folder: Path, model: nn.Mo
                 run, "prune", prune_dir / f"train-{round - 1}", model, stage_id=stage_id + round,
                 meta=meta, start=start, group=group)
         target = prune_dir if round == method.rounds else prune_dir / f"round-{round}"
-        _save_one_shot(target, lambda: pruned(round), run.config, meta)
+        _save_one_shot(target, lambda: pruned(round), run.config, meta,
+                       trained_in="prune" if round > 1 else "pretrain")
 
 
 def _rewind_state(config: RunConfig, method: LotteryConfig) -> dict[str, torch.Tensor]:
@@ -362,12 +369,14 @@ def _train_stage(run: _Run, stage: str, folder: Path, model: nn.Module, *, stage
         if row is not None and state.epoch in keep_epochs:  # e.g. a lottery ticket's rewind point
             pointers.append(f"epoch-{state.epoch}")
         save_checkpoint(checkpoints, model_state=model.state_dict(),
-                        meta=_checkpoint_meta(stage, state, model, config, row, meta),
+                        meta=_checkpoint_meta(stage, state, model, config, row,
+                                              {**(meta or {}), "domain": stage_domain(stage_config)}),
                         optimizer_state=optimizer.state_dict(), rng=state.rng, pointers=tuple(pointers))
 
     forward_model = torch.compile(model) if config.model.compile else model
     describe = str(folder.relative_to(config.run_dir))
-    trainer = Trainer(model, build_objective(stage_config.objective, threat), stage_config, loader,
+    objective = with_augmentation(build_objective(stage_config.objective, threat), stage_config.augment)
+    trainer = Trainer(model, objective, stage_config, loader,
                       optimizer, seed=config.seed, stage_id=stage_id, evaluate=evaluate, save=save,
                       forward_model=forward_model, progress=run.progress, describe=describe,
                       on_step=on_step)
@@ -376,14 +385,16 @@ def _train_stage(run: _Run, stage: str, folder: Path, model: nn.Module, *, stage
 
 
 def _save_one_shot(folder: Path, make_model: Callable[[], nn.Module], config: RunConfig,
-                   meta: dict) -> None:
-    """A stage that trains nothing (one-shot pruning, a structural rebuild): one checkpoint."""
+                   meta: dict, trained_in: str = "pretrain") -> None:
+    """A stage that trains nothing (one-shot pruning, a structural rebuild): one checkpoint,
+    whose domain is that of the stage that last trained the weights."""
     checkpoints = folder / "checkpoints"
     if has_checkpoint(checkpoints):
         return
     model = make_model()
     save_checkpoint(checkpoints, model_state=model.state_dict(),
-                    meta=_checkpoint_meta(folder.name, TrainState(), model, config, None, meta),
+                    meta=_checkpoint_meta(folder.name, TrainState(), model, config, None,
+                                          {**meta, "domain": stage_domain(getattr(config, trained_in))}),
                     pointers=("last", "best"))
 
 
@@ -407,13 +418,58 @@ def _evaluate(run: _Run, variant: str, model: nn.Module, folder: Path,
                                  split=ev.split)
     verified = [verified_accuracy(model, loader.epoch(), _verify_eps(config), method, ev.split)
                 for method in ev.verify]
+    corruption = _evaluate_corruptions(run, model, data) if ev.corruption.names else None
+    if corruption is not None:
+        write_json_atomic(folder / "evaluate" / "corruption.json", corruption.to_dict())
     summary = summarize_model(model)
     write_json_atomic(folder / "evaluate" / "metrics.json", {
         "variant": variant, "checkpoint": str(checkpoint.path), "dataset": config.data.name,
-        "model": summary, "pruning": checkpoint.meta.get("pruning"),
+        "model": summary, "pruning": checkpoint.meta.get("pruning"), "domain": checkpoint.meta.get("domain"),
         "robustness": result.to_dict(), "verified": [v.to_dict() for v in verified],
-        "layers": sparsity_report(model)["layers"]})
-    return Evaluation(variant, summary, result, verified)
+        "corruption": _corruption_summary(corruption), "layers": sparsity_report(model)["layers"]})
+    return Evaluation(variant, summary, result, verified, corruption)
+
+
+def _evaluate_corruptions(run: _Run, model: nn.Module, clean: ArrayDataset) -> CorruptionResult:
+    """Accuracy under the configured corruptions: of the official files when `suite` names a
+    folder, else generated from the evaluation images."""
+    settings, config = run.config.evaluate.corruption, run.config
+    if settings.suite:
+        suite, source = CorruptedSuite(settings.suite), settings.suite
+    else:
+        suite = GeneratedSuite(clean, settings.seed)
+        source = f"generated from the {config.evaluate.split} split ({len(clean)} images, seed {settings.seed})"
+    baseline = {"model": read_corruption_result(settings.baseline)} if settings.baseline else None
+    memory_format = torch.channels_last if config.model.channels_last else torch.contiguous_format
+    was_training = model.training
+    model.eval()
+    try:
+        return evaluate_corruptions({"model": model}, suite, source=source, names=settings.names,
+                                    severities=settings.severities, clean=clean,
+                                    batch_size=config.data.eval_batch_size, device=run.device,
+                                    memory_format=memory_format, baselines=baseline)["model"]
+    finally:
+        model.train(was_training)
+
+
+def read_corruption_result(path: str | Path) -> CorruptionResult:
+    """A saved corruption result: a corruption.json, or a run or variant folder holding one."""
+    path = Path(path)
+    file = path if path.is_file() else path / "evaluate" / "corruption.json"
+    if not file.is_file():
+        raise CardkitError(f"no corruption results at '{path}' (expected a corruption.json or "
+                           f"{file}); evaluate the baseline with evaluate.corruption.names set first")
+    try:
+        return CorruptionResult.from_dict(json.loads(file.read_text()))
+    except json.JSONDecodeError:
+        raise CardkitError(f"'{file}' is not valid JSON (truncated?); evaluate the baseline again") from None
+
+
+def _corruption_summary(result: CorruptionResult | None) -> dict | None:
+    if result is None:
+        return None
+    return {"mean_accuracy": result.mean_accuracy, "mce": result.mce, "relative_mce": result.relative_mce,
+            "corruptions": len(result.accuracy), "severities": result.severities, "source": result.source}
 
 
 def _verify_eps(config: RunConfig) -> float:
@@ -453,6 +509,25 @@ def certify_checkpoint(path: str | Path, method: str, overrides: list[str] = (),
                       {"checkpoint": str(checkpoint.path), "dataset": config.data.name,
                        "model": summarize_model(model), "verification": result.to_dict()})
     return folder, result
+
+
+def fourier_checkpoint(path: str | Path, *, eps: float, samples: int, seed: int = 0,
+                       overrides: list[str] = (), pointer: str = "last") -> tuple[Path, FourierHeatMap]:
+    """Fourier heat map of a saved model on `samples` test images, written as PNG and JSON to
+    <folder>/fourier/ beside the model's run or variant folder."""
+    checkpoint = _find_checkpoint(Path(path), pointer)
+    config = validate_config(checkpoint.meta["config"], list(overrides))
+    device = resolve_device(config.device)
+    model = model_from_checkpoint(checkpoint).to(device)
+    data = _subset(load_data(config).test, samples, seed)
+    x, y = data.images.to(device).float().div_(255), data.labels.to(device)
+    result = fourier_heat_map(model, x, y, eps, batch_size=config.data.eval_batch_size,
+                              generator=torch.Generator().manual_seed(seed))
+    out = checkpoint.path.parents[2] / "fourier"
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "heatmap.json", {"checkpoint": str(checkpoint.path), **result.to_dict()})
+    save_heat_map(result, out / "heatmap.png", title=f"{config.name}: error under Fourier noise, eps {eps:g}")
+    return out.parent, result
 
 
 def _subset(data: ArrayDataset, n: int | None, seed: int) -> ArrayDataset:
