@@ -91,7 +91,7 @@ class CorruptedSuite:
             raise CardkitError(f"'{path}' holds {images.dtype} {images.shape}; expected uint8 "
                                f"{len(self.labels)} x H x W x C (5 severities of {self.size} images, C = 1 or 3)")
         part = slice((severity - 1) * self.size, severity * self.size)
-        return ArrayDataset(torch.from_numpy(np.ascontiguousarray(images[part].transpose(0, 3, 1, 2))),
+        return ArrayDataset(torch.from_numpy(images[part].transpose(0, 3, 1, 2).copy()),
                             torch.from_numpy(self.labels[part].astype(np.int64)))
 
 
