@@ -324,34 +324,46 @@ def _report(args) -> int:
     from cardkit.engine import read_results
 
     rows = [_result_row(r["run"], r["dataset"], r.get("variant", "dense"), r["model"], r["robustness"],
-                        r.get("verified", [])) for r in read_results(args.runs)]
+                        r.get("verified", []), r.get("corruption")) for r in read_results(args.runs)]
     print(format_table(RESULT_HEADER, rows, markdown=args.markdown))
     return 0
 
 
 RESULT_HEADER = ["run", "data", "model", "variant", "sparsity", "split", "samples", "clean acc",
-                 "robust acc", "attack", "verified acc", "kept params", "size (bytes)"]
+                 "robust acc", "attack", "verified acc", "corruption acc", "kept params", "size (bytes)"]
 
 
 def _result_row(run: str, dataset: str, variant: str, model: dict, ev: dict,
-                verified: list[dict] = ()) -> list[str]:
+                verified: list[dict] = (), corruption: dict | None = None) -> list[str]:
     robust = "-" if ev["robust_accuracy"] is None else f"{ev['robust_accuracy']:.4f}"
     attack = "-" if ev["steps"] == 0 else (
         f"{ev['attack']} x{ev['restarts']}, {ev['norm']} eps {ev['eps']:.4g}")
     return [run, dataset, model["name"], variant, f"{model.get('sparsity', 0.0):.4f}", ev["split"],
             str(ev["samples"]), f"{ev['clean_accuracy']:.4f}", robust, attack,
             ", ".join(f"{v['method']} {v['verified_accuracy']:.4f}" for v in verified) or "-",
+            _corruption_cell(corruption),
             f"{model.get('kept_parameters', model['parameters']):,}", f"{model['size_bytes']:,}"]
 
 
+def _corruption_cell(summary: dict | None) -> str:
+    """Mean accuracy over the corruptions and severities evaluated, and mCE against a baseline."""
+    if not summary:
+        return "-"
+    mce = f", mCE {summary['mce']:.3f}" if summary.get("mce") is not None else ""
+    return f"{summary['mean_accuracy']:.4f} ({summary['corruptions']}x{len(summary['severities'])}{mce})"
+
+
 def _print_result(result) -> None:
+    from cardkit.engine.pipeline import corruption_summary
+
     for stage, rows in result.history.items():
         if rows:
             last = rows[-1]
             accuracy = {k: v for k, v in last.items() if k.endswith("accuracy") and v is not None}
             print(f"{stage}: {last['epoch']} epochs, " + ", ".join(f"{k} {v:.4f}" for k, v in accuracy.items()))
     rows = [_result_row(result.run_dir.name, result.dataset, e.variant, e.model, e.robustness.to_dict(),
-                        [v.to_dict() for v in e.verified]) for e in result.evaluations]
+                        [v.to_dict() for v in e.verified], corruption_summary(e.corruption))
+            for e in result.evaluations]
     if rows:
         print(format_table(RESULT_HEADER, rows))
     print(f"outputs: {result.run_dir}")

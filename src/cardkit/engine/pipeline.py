@@ -426,7 +426,7 @@ def _evaluate(run: _Run, variant: str, model: nn.Module, folder: Path,
         "variant": variant, "checkpoint": str(checkpoint.path), "dataset": config.data.name,
         "model": summary, "pruning": checkpoint.meta.get("pruning"), "domain": checkpoint.meta.get("domain"),
         "robustness": result.to_dict(), "verified": [v.to_dict() for v in verified],
-        "corruption": _corruption_summary(corruption), "layers": sparsity_report(model)["layers"]})
+        "corruption": corruption_summary(corruption), "layers": sparsity_report(model)["layers"]})
     return Evaluation(variant, summary, result, verified, corruption)
 
 
@@ -465,7 +465,7 @@ def read_corruption_result(path: str | Path) -> CorruptionResult:
         raise CardkitError(f"'{file}' is not valid JSON (truncated?); evaluate the baseline again") from None
 
 
-def _corruption_summary(result: CorruptionResult | None) -> dict | None:
+def corruption_summary(result: CorruptionResult | None) -> dict | None:
     if result is None:
         return None
     return {"mean_accuracy": result.mean_accuracy, "mce": result.mce, "relative_mce": result.relative_mce,
