@@ -50,12 +50,14 @@ def equalize(x: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
     """
     n, c, h, w = x.shape
     q = _quantise(x).long().view(n * c, h * w)
-    hist = torch.zeros(n * c, 256, dtype=torch.long, device=x.device).scatter_add_(1, q, torch.ones_like(q))
-    top = hist.gather(1, q.amax(1, keepdim=True))  # pixels at the highest level present
-    below = (hist.cumsum(1) - hist).gather(1, q)  # pixels below each pixel's level
+    hist = torch.zeros(n * c, 256, dtype=torch.long, device=x.device)
+    hist.scatter_add_(1, q, torch.ones(1, 1, dtype=torch.long, device=x.device).expand_as(q))
+    levels = torch.arange(256, device=x.device)
+    top = hist.gather(1, torch.where(hist > 0, levels, 0).amax(1, keepdim=True))  # pixels at the top level
     step = (h * w - top).to(x.dtype) / 255
-    equalised = torch.floor(below / step.clamp_min(1e-12) + 0.5).clamp(max=255)
-    return torch.where(step.view(n, c, 1, 1) > 0, equalised.view(n, c, h, w) / 255, x)
+    table = torch.floor((hist.cumsum(1) - hist) / step.clamp_min(1e-12) + 0.5).clamp(max=255) / 255
+    equalised = table.gather(1, q).view(n, c, h, w)
+    return torch.where(step.view(n, c, 1, 1) > 0, equalised, x)
 
 
 def posterize(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
@@ -103,10 +105,15 @@ def warp(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """Resample each image through its output-to-input matrix in pixel units about the centre
     (bilinear, black outside the image)."""
     _, _, h, w = x.shape
-    # Pixel units to affine_grid's [-1, 1] units, per matrix entry.
+    # Pixel units to grid_sample's [-1, 1] units, per matrix entry.
     scale = torch.tensor([[1, h / w, 2 / w], [w / h, 1, 2 / h]], dtype=torch.float64)
     theta = (matrix.detach().cpu().double() * scale).to(x.device, x.dtype)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    # The sampling grid by broadcasting over pixel centres: affine_grid's batched product with
+    # three-long rows is several times slower on the CPU.
+    cols = ((2 * torch.arange(w, device=x.device, dtype=x.dtype) + 1) / w - 1)[:, None]
+    rows = ((2 * torch.arange(h, device=x.device, dtype=x.dtype) + 1) / h - 1)[:, None, None]
+    t = theta.transpose(1, 2)[:, :, None, None]  # N x 3 x 1 x 1 x 2: coefficient of col, row, 1
+    grid = (rows * t[:, 1] + t[:, 2]) + cols * t[:, 0]  # one full-size pass
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
@@ -129,19 +136,22 @@ class Op:
         return self.apply(x, param) if self.matrix is None else warp(x, self.matrix(param))
 
 
-# The paper's operations in its order (the order fixes which op a random index picks).
+# The paper's operations, those that act on pixel values first: a step sorts its samples by op,
+# which puts the affine ops next to each other for one joint resampling.
 OPS: dict[str, Op] = {
     "autocontrast": Op(lambda level, sign, side: level, apply=autocontrast),
     "equalize": Op(lambda level, sign, side: level, apply=equalize),
     "posterize": Op(lambda level, sign, side: 4 - _int_level(level, 4), apply=posterize),
-    "rotate": Op(lambda level, sign, side: sign * _int_level(level, 30), matrix=rotation),
     "solarize": Op(lambda level, sign, side: (256 - _int_level(level, 256)) / 255, apply=solarize),
+    "rotate": Op(lambda level, sign, side: sign * _int_level(level, 30), matrix=rotation),
     "shear_x": Op(lambda level, sign, side: sign * level * 0.3 / MAX_LEVEL, matrix=shear_x),
     "shear_y": Op(lambda level, sign, side: sign * level * 0.3 / MAX_LEVEL, matrix=shear_y),
     "translate_x": Op(lambda level, sign, side: sign * _int_level(level, side / 3), matrix=translation_x),
     "translate_y": Op(lambda level, sign, side: sign * _int_level(level, side / 3), matrix=translation_y),
 }
-_AFFINE = torch.tensor([op.matrix is not None for op in OPS.values()])
+_OP_LIST = list(OPS.values())
+_FIRST_AFFINE = next(i for i, op in enumerate(_OP_LIST) if op.matrix is not None)
+assert all(op.matrix is not None for op in _OP_LIST[_FIRST_AFFINE:])
 
 
 def _gamma(alpha: float, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
@@ -161,23 +171,28 @@ def _beta(alpha: float, n: int, generator: torch.Generator | None) -> torch.Tens
     return g[0] / g.sum(0)
 
 
-def _step(chains: torch.Tensor, ops: torch.Tensor, params: torch.Tensor) -> None:
-    """Apply op ops[i] (-1: none) with parameter params[i] to chains[i], in place, one group per op
-    and one resampling for all affine ops."""
-    affine = (ops >= 0) & _AFFINE[ops.clamp_min(0)]
-    matrices = torch.zeros(len(ops), 2, 3, dtype=torch.float64)
-    for i, op in enumerate(OPS.values()):
-        chosen = ops == i
-        if not chosen.any():
-            continue
-        if op.matrix is not None:
-            matrices[chosen] = op.matrix(params[chosen])
-        else:
-            idx = chosen.nonzero().squeeze(1).to(chains.device)
-            chains[idx] = op.apply(chains[idx], params[chosen])
-    if affine.any():
-        idx = affine.nonzero().squeeze(1)
-        chains[idx.to(chains.device)] = warp(chains[idx.to(chains.device)], matrices[idx])
+def _step(src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor,
+          ops: torch.Tensor, levels: torch.Tensor, signs: torch.Tensor) -> None:
+    """out[i] = op ops[i] at levels[i] and signs[i] applied to src[rows[i]]; op -1 leaves out[i] alone.
+
+    Samples are sorted by op, each pixel op transforms its group at once and one resampling does
+    all affine ops. `out` may be `src` when `rows` is the identity, since the groups are disjoint.
+    """
+    order = torch.argsort(ops, stable=True)
+    ends = torch.bincount(ops + 1, minlength=len(OPS) + 1).cumsum(0).tolist()  # ends[i + 1]: end of op i
+    ops, levels, signs = ops[order], levels[order], signs[order]
+    src_rows, dst = rows[order].to(src.device), order.to(out.device)  # one transfer each per step
+    params = [op.param(levels[ends[i]:ends[i + 1]], signs[ends[i]:ends[i + 1]], src.shape[-1])
+              for i, op in enumerate(_OP_LIST)]
+
+    def run(start: int, end: int, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], param: torch.Tensor) -> None:
+        if end > start:
+            out.index_copy_(0, dst[start:end], fn(src.index_select(0, src_rows[start:end]), param))
+
+    for i, op in enumerate(_OP_LIST[:_FIRST_AFFINE]):
+        run(ends[i], ends[i + 1], op.apply, params[i])
+    matrices = [op.matrix(p) for op, p in zip(_OP_LIST[_FIRST_AFFINE:], params[_FIRST_AFFINE:])]
+    run(ends[_FIRST_AFFINE], ends[-1], warp, torch.cat(matrices))
 
 
 @dataclass(frozen=True)
@@ -217,20 +232,16 @@ class AugMix:
         levels = 0.1 + (self.severity - 0.1) * torch.rand(steps, k * n, generator=generator, dtype=torch.float64)
         signs = torch.where(torch.rand(steps, k * n, generator=generator) < 0.5, -1.0, 1.0).double()
         ops[torch.arange(steps)[:, None] >= depths] = -1  # steps past a chain's depth do nothing
-        chains = x.detach().repeat(k, 1, 1, 1)  # chain-major: chain j of sample i at j * n + i
+        # Chains are chain-major (chain j of sample i at j * n + i); the first step, which every
+        # chain takes, reads the batch itself and later steps update the chains in place.
+        chains = x.new_empty((k * n, *x.shape[1:]))
+        positions = torch.arange(k * n)
         for s in range(steps):
-            _step(chains, ops[s], self._params(ops[s], levels[s], signs[s], x.shape[-1]))
+            src, rows = (x.detach(), positions % n) if s == 0 else (chains, positions)
+            _step(src, rows, chains, ops[s], levels[s], signs[s])
         mix = torch.einsum("nk,kn...->n...", weights.to(x.device, x.dtype), chains.view(k, *x.shape))
         m = skip.to(x.device, x.dtype).view(n, 1, 1, 1)
         return ((1 - m) * x + m * mix).clamp(0, 1)
-
-    @staticmethod
-    def _params(ops: torch.Tensor, levels: torch.Tensor, signs: torch.Tensor, side: int) -> torch.Tensor:
-        params = torch.zeros_like(levels)
-        for i, op in enumerate(OPS.values()):
-            chosen = ops == i
-            params[chosen] = op.param(levels[chosen], signs[chosen], side).double()
-        return params
 
 
 def jensen_shannon(*logits: torch.Tensor) -> torch.Tensor:
