@@ -75,6 +75,18 @@ def test_ops_table_has_only_the_non_overlapping_ops():
                                   "shear_x", "shear_y", "translate_x", "translate_y"])
 
 
+@pytest.mark.parametrize("side", [8, 28, 32])
+def test_parameters_follow_the_papers_magnitudes(side):
+    level = torch.linspace(0.1, 9.99, 100)
+    sign = torch.where(torch.arange(100) % 2 == 0, 1.0, -1.0)
+    param = {name: op.param(level, sign, (side, side)) for name, op in OPS.items()}
+    assert set(param["posterize"].tolist()) == {1.0, 2.0, 3.0, 4.0}
+    assert param["rotate"].abs().max() == 29 and param["shear_x"].abs().max() <= 0.3
+    assert 0 < param["solarize"].min() and param["solarize"].max() <= 1
+    assert param["translate_y"].abs().max() == int(9.99 * side / 30)  # a third of the side at level 10
+    assert (param["rotate"] * sign >= 0).all() and (param["translate_x"] * sign >= 0).all()
+
+
 def per_sample(value: float, n: int = 2) -> torch.Tensor:
     return torch.full((n,), float(value))
 

@@ -124,11 +124,11 @@ def _int_level(level: torch.Tensor, top: float) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Op:
-    """An AugMix operation. `param(level, sign, side)` maps per-sample levels (0..10), random signs
-    (+-1) and the image side to the operation's parameter; `apply(x, param)` transforms a batch.
-    Affine operations give the output-to-input `matrix(param)` instead, applied by `warp`."""
+    """An AugMix operation. `param(level, sign, size)` maps per-sample levels (0..10), random signs
+    (+-1) and the image size (H, W) to the operation's parameter; `apply(x, param)` transforms a
+    batch. Affine operations give the output-to-input `matrix(param)` instead, applied by `warp`."""
 
-    param: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+    param: Callable[[torch.Tensor, torch.Tensor, tuple[int, int]], torch.Tensor]
     apply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     matrix: Callable[[torch.Tensor], torch.Tensor] | None = None
 
@@ -139,15 +139,15 @@ class Op:
 # The paper's operations, those that act on pixel values first: a step sorts its samples by op,
 # which puts the affine ops next to each other for one joint resampling.
 OPS: dict[str, Op] = {
-    "autocontrast": Op(lambda level, sign, side: level, apply=autocontrast),
-    "equalize": Op(lambda level, sign, side: level, apply=equalize),
-    "posterize": Op(lambda level, sign, side: 4 - _int_level(level, 4), apply=posterize),
-    "solarize": Op(lambda level, sign, side: (256 - _int_level(level, 256)) / 255, apply=solarize),
-    "rotate": Op(lambda level, sign, side: sign * _int_level(level, 30), matrix=rotation),
-    "shear_x": Op(lambda level, sign, side: sign * level * 0.3 / MAX_LEVEL, matrix=shear_x),
-    "shear_y": Op(lambda level, sign, side: sign * level * 0.3 / MAX_LEVEL, matrix=shear_y),
-    "translate_x": Op(lambda level, sign, side: sign * _int_level(level, side / 3), matrix=translation_x),
-    "translate_y": Op(lambda level, sign, side: sign * _int_level(level, side / 3), matrix=translation_y),
+    "autocontrast": Op(lambda level, sign, size: level, apply=autocontrast),
+    "equalize": Op(lambda level, sign, size: level, apply=equalize),
+    "posterize": Op(lambda level, sign, size: 4 - _int_level(level, 4), apply=posterize),
+    "solarize": Op(lambda level, sign, size: (256 - _int_level(level, 256)) / 255, apply=solarize),
+    "rotate": Op(lambda level, sign, size: sign * _int_level(level, 30), matrix=rotation),
+    "shear_x": Op(lambda level, sign, size: sign * level * 0.3 / MAX_LEVEL, matrix=shear_x),
+    "shear_y": Op(lambda level, sign, size: sign * level * 0.3 / MAX_LEVEL, matrix=shear_y),
+    "translate_x": Op(lambda level, sign, size: sign * _int_level(level, size[1] / 3), matrix=translation_x),
+    "translate_y": Op(lambda level, sign, size: sign * _int_level(level, size[0] / 3), matrix=translation_y),
 }
 _OP_LIST = list(OPS.values())
 _FIRST_AFFINE = next(i for i, op in enumerate(_OP_LIST) if op.matrix is not None)
@@ -180,12 +180,12 @@ def _step(src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor,
     """
     order = torch.argsort(ops, stable=True)
     ends = torch.bincount(ops + 1, minlength=len(OPS) + 1).cumsum(0).tolist()  # ends[i + 1]: end of op i
-    ops, levels, signs = ops[order], levels[order], signs[order]
+    levels, signs = levels[order], signs[order]
     src_rows, dst = rows[order].to(src.device), order.to(out.device)  # one transfer each per step
-    params = [op.param(levels[ends[i]:ends[i + 1]], signs[ends[i]:ends[i + 1]], src.shape[-1])
+    params = [op.param(levels[ends[i]:ends[i + 1]], signs[ends[i]:ends[i + 1]], tuple(src.shape[2:]))
               for i, op in enumerate(_OP_LIST)]
 
-    def run(start: int, end: int, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], param: torch.Tensor) -> None:
+    def run(start: int, end: int, fn: Callable[..., torch.Tensor], param: torch.Tensor) -> None:
         if end > start:
             out.index_copy_(0, dst[start:end], fn(src.index_select(0, src_rows[start:end]), param))
 
