@@ -171,28 +171,38 @@ def _beta(alpha: float, n: int, generator: torch.Generator | None) -> torch.Tens
     return g[0] / g.sum(0)
 
 
+def _parameters(ops: torch.Tensor, levels: torch.Tensor, signs: torch.Tensor,
+                size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each entry's parameter under its op, and its matrix where the op is affine (all steps at once)."""
+    params = torch.zeros_like(levels)
+    matrices = torch.zeros(*levels.shape, 2, 3, dtype=torch.float64)
+    for i, op in enumerate(_OP_LIST):
+        chosen = ops == i
+        params[chosen] = op.param(levels[chosen], signs[chosen], size).double()
+        if op.matrix is not None:
+            matrices[chosen] = op.matrix(params[chosen])
+    return params, matrices
+
+
 def _step(src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor,
-          ops: torch.Tensor, levels: torch.Tensor, signs: torch.Tensor) -> None:
-    """out[i] = op ops[i] at levels[i] and signs[i] applied to src[rows[i]]; op -1 leaves out[i] alone.
+          ops: torch.Tensor, params: torch.Tensor, matrices: torch.Tensor) -> None:
+    """out[i] = op ops[i] with params[i] (or matrices[i]) applied to src[rows[i]]; op -1 leaves out[i].
 
     Samples are sorted by op, each pixel op transforms its group at once and one resampling does
     all affine ops. `out` may be `src` when `rows` is the identity, since the groups are disjoint.
     """
     order = torch.argsort(ops, stable=True)
     ends = torch.bincount(ops + 1, minlength=len(OPS) + 1).cumsum(0).tolist()  # ends[i + 1]: end of op i
-    levels, signs = levels[order], signs[order]
+    params, matrices = params[order], matrices[order]
     src_rows, dst = rows[order].to(src.device), order.to(out.device)  # one transfer each per step
-    params = [op.param(levels[ends[i]:ends[i + 1]], signs[ends[i]:ends[i + 1]], tuple(src.shape[2:]))
-              for i, op in enumerate(_OP_LIST)]
 
     def run(start: int, end: int, fn: Callable[..., torch.Tensor], param: torch.Tensor) -> None:
         if end > start:
-            out.index_copy_(0, dst[start:end], fn(src.index_select(0, src_rows[start:end]), param))
+            out.index_copy_(0, dst[start:end], fn(src.index_select(0, src_rows[start:end]), param[start:end]))
 
     for i, op in enumerate(_OP_LIST[:_FIRST_AFFINE]):
-        run(ends[i], ends[i + 1], op.apply, params[i])
-    matrices = [op.matrix(p) for op, p in zip(_OP_LIST[_FIRST_AFFINE:], params[_FIRST_AFFINE:])]
-    run(ends[_FIRST_AFFINE], ends[-1], warp, torch.cat(matrices))
+        run(ends[i], ends[i + 1], op.apply, params)
+    run(ends[_FIRST_AFFINE], ends[-1], warp, matrices)
 
 
 @dataclass(frozen=True)
@@ -236,9 +246,10 @@ class AugMix:
         # chain takes, reads the batch itself and later steps update the chains in place.
         chains = x.new_empty((k * n, *x.shape[1:]))
         positions = torch.arange(k * n)
+        params, matrices = _parameters(ops, levels, signs, tuple(x.shape[2:]))
         for s in range(steps):
             src, rows = (x.detach(), positions % n) if s == 0 else (chains, positions)
-            _step(src, rows, chains, ops[s], levels[s], signs[s])
+            _step(src, rows, chains, ops[s], params[s], matrices[s])
         mix = torch.einsum("nk,kn...->n...", weights.to(x.device, x.dtype), chains.view(k, *x.shape))
         m = skip.to(x.device, x.dtype).view(n, 1, 1, 1)
         return ((1 - m) * x + m * mix).clamp(0, 1)
