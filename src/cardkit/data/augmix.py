@@ -1,9 +1,12 @@
 """AugMix (Hendrycks et al., 2020) for float image batches, vectorised over the batch.
 
-Each sample mixes `width` chains of 1..3 random operations with Dirichlet weights, then mixes the
-result with the original image with a Beta-distributed weight. Only operations that do not overlap
-the common corruption benchmarks are used. Operation magnitudes follow the paper's mapping from
-severity to parameter, defined for 32 x 32 images; translations scale with the image side.
+Each sample mixes `width` chains of 1..3 (or `depth`) random operations with Dirichlet weights,
+then mixes the result with the original image with a Beta-distributed weight. Only operations that
+do not overlap the common corruption benchmarks are used. Operation magnitudes follow the paper's
+mapping from severity to parameter, defined for 32 x 32 images; translations scale with the image
+side. Deviations from the reference implementation: shears are about the image centre rather than
+the top-left corner, equalize uses an exact step (see `equalize`), and intermediate results stay
+in float rather than being rounded to 8 bits after every operation.
 
 Per chain step the samples are grouped by their drawn operation and each group is transformed at
 once; all affine operations of a step share one `grid_sample` with per-sample matrices.
@@ -233,7 +236,24 @@ class AugMix:
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if x.dim() != 4 or not x.is_floating_point():
             raise CardkitError(f"AugMix needs a float batch N x C x H x W, got {x.dtype} of shape {tuple(x.shape)}")
-        n, k, steps = len(x), self.width, self.depth or MAX_DEPTH
+        n, k = len(x), self.width
+        weights, skip, ops, levels, signs = self._draw(n, generator)
+        params, matrices = _parameters(ops, levels, signs, tuple(x.shape[2:]))
+        # Chains are chain-major (chain j of sample i at j * n + i); the first step, which every
+        # chain takes, reads the batch itself and later steps update the chains in place.
+        chains = x.new_empty((k * n, *x.shape[1:]))
+        positions = torch.arange(k * n)
+        for s in range(len(ops)):
+            src, rows = (x.detach(), positions % n) if s == 0 else (chains, positions)
+            _step(src, rows, chains, ops[s], params[s], matrices[s])
+        mix = torch.einsum("nk,kn...->n...", weights.to(x.device, x.dtype), chains.view(k, *x.shape))
+        m = skip.to(x.device, x.dtype).view(n, 1, 1, 1)
+        return ((1 - m) * x + m * mix).clamp(0, 1)
+
+    def _draw(self, n: int, generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
+        """Chain weights (N x width), skip weights (N), and per step (rows) and chain (columns, as
+        in the chains tensor) the op (-1 past the chain's depth), level and sign, all on the CPU."""
+        k, steps = self.width, self.depth or MAX_DEPTH
         weights = _dirichlet(self.alpha, n, k, generator)
         skip = _beta(self.alpha, n, generator)
         depths = torch.randint(1, MAX_DEPTH + 1, (k * n,), generator=generator) if self.depth == 0 \
@@ -241,18 +261,8 @@ class AugMix:
         ops = torch.randint(0, len(OPS), (steps, k * n), generator=generator)
         levels = 0.1 + (self.severity - 0.1) * torch.rand(steps, k * n, generator=generator, dtype=torch.float64)
         signs = torch.where(torch.rand(steps, k * n, generator=generator) < 0.5, -1.0, 1.0).double()
-        ops[torch.arange(steps)[:, None] >= depths] = -1  # steps past a chain's depth do nothing
-        # Chains are chain-major (chain j of sample i at j * n + i); the first step, which every
-        # chain takes, reads the batch itself and later steps update the chains in place.
-        chains = x.new_empty((k * n, *x.shape[1:]))
-        positions = torch.arange(k * n)
-        params, matrices = _parameters(ops, levels, signs, tuple(x.shape[2:]))
-        for s in range(steps):
-            src, rows = (x.detach(), positions % n) if s == 0 else (chains, positions)
-            _step(src, rows, chains, ops[s], params[s], matrices[s])
-        mix = torch.einsum("nk,kn...->n...", weights.to(x.device, x.dtype), chains.view(k, *x.shape))
-        m = skip.to(x.device, x.dtype).view(n, 1, 1, 1)
-        return ((1 - m) * x + m * mix).clamp(0, 1)
+        ops[torch.arange(steps)[:, None] >= depths] = -1
+        return weights, skip, ops, levels, signs
 
 
 def jensen_shannon(*logits: torch.Tensor) -> torch.Tensor:
