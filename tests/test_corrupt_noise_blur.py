@@ -71,6 +71,15 @@ def test_gaussian_noise_has_the_published_spread():
         assert abs(noise.std() / 255 - std) < 0.002
 
 
+def test_shot_noise_is_poisson_with_the_published_photon_counts():
+    flat = np.full((50, 32, 32, 3), 128, np.uint8)
+    for severity, photons in enumerate((500, 250, 100, 75, 50), start=1):
+        counts = corrupt(flat, "shot_noise", severity, seed=0) / 255 * photons
+        rate = 128 / 255 * photons  # a Poisson count's mean and variance
+        assert abs(counts.mean() - rate) < 0.02 * rate
+        assert abs(counts.var() - rate) < 0.05 * rate
+
+
 def test_impulse_noise_flips_the_published_fraction_to_black_or_white():
     flat = np.full((50, 32, 32, 3), 128, np.uint8)
     for severity, amount in enumerate((0.01, 0.02, 0.03, 0.05, 0.07), start=1):

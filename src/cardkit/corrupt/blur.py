@@ -13,7 +13,6 @@ from functools import lru_cache
 
 import numpy as np
 import scipy.sparse
-import torch
 from scipy import ndimage
 
 from cardkit.corrupt.registry import register_corruption, scaled
@@ -149,19 +148,23 @@ def _line_blur(images: np.ndarray, weights: np.ndarray, dy: np.ndarray,
     repeated beyond the border (ImageMagick's default). dx >= 0, as the angle is within 45 degrees.
 
     For each tap, consecutive images with the same offset form a run, added as one shifted slice;
-    with images sorted by angle a tap has only a few runs.
+    with images sorted by angle a tap has only a few runs. Plain numpy, single-threaded: hundreds
+    of small multithreaded ops stall badly when the cores are shared.
     """
     n, side = images.shape[:2]
     pad = len(weights) - 1
-    padded = torch.from_numpy(np.pad(images, ((0, 0), (pad, pad), (0, pad), (0, 0)), mode="edge"))
-    out = torch.zeros(images.shape)
-    for t, weight in enumerate(weights.tolist()):
+    padded = np.pad(images, ((0, 0), (pad, pad), (0, pad), (0, 0)), mode="edge")
+    out = np.zeros_like(images)
+    term = np.empty_like(images)
+    for t, weight in enumerate(weights.astype(images.dtype)):
         key = dy[:, t] * (2 * pad + 1) + dx[:, t]
-        starts = np.flatnonzero(np.diff(key, prepend=key[0] - 1))
-        for start, stop in zip(starts.tolist(), np.append(starts[1:], n).tolist()):
+        starts = np.flatnonzero(np.diff(key, prepend=key[0] - 1)).tolist()
+        for start, stop in zip(starts, starts[1:] + [n]):
             top, left = pad + int(dy[start, t]), int(dx[start, t])
-            out[start:stop].add_(padded[start:stop, top:top + side, left:left + side], alpha=weight)
-    return out.numpy()
+            shifted = padded[start:stop, top:top + side, left:left + side]
+            np.multiply(shifted, weight, out=term[start:stop])
+            np.add(out[start:stop], term[start:stop], out=out[start:stop])
+    return out
 
 
 @register_corruption("zoom_blur")
