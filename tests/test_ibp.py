@@ -183,3 +183,31 @@ def test_crown_ibp_shares_one_ibp_pass_with_the_same_results():
         crown, ibp = crown_ibp_margin_bounds(model, x, y, 0.02)
         assert torch.allclose(crown, crown_margin_bounds(model, x, y, 0.02, "ibp"), atol=1e-5)
         assert torch.allclose(ibp, ibp_margin_bounds(model, x, y, 0.02).lower, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,shape", [("cnn_small", (3, 32, 32)), ("cnn_small", (1, 9, 9)),
+                                        ("cnn_large", (2, 11, 11)), ("mlp", (1, 8, 8))])
+def test_closed_form_first_layer_matches_back_substitution_to_the_input(name, shape):
+    """The first layer's bound A f(centre) - |A L| radius (space-to-depth for strided convolutions)
+    equals substituting back through every layer to the input box, bounds and gradients alike."""
+    from cardkit.certify.crown import _margin_spec, _prepare
+
+    torch.manual_seed(0)
+    if name == "mlp":
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 20), nn.ReLU(), nn.Linear(20, 10))
+    else:
+        model = create_model(name, 10, shape[0], shape[1], mean=[0.4] * shape[0], std=[0.3] * shape[0])
+    model.eval()
+    x, y = torch.rand(3, *shape), torch.tensor([1, 5, 9])
+    results = []
+    for closed_form in (True, False):
+        net = _prepare(model, x, 0.03, "ibp")
+        assert net.first is not None
+        if not closed_form:
+            net.first = None
+        bound = net.backward(len(net.layers), _margin_spec(y, 10))
+        results.append((bound, torch.autograd.grad(bound.sum(), list(model.parameters()))))
+    (closed, closed_grads), (full, full_grads) = results
+    assert torch.allclose(closed, full, rtol=1e-5, atol=1e-5)
+    for a, b in zip(closed_grads, full_grads):  # float32 sums of large terms: relative to the largest
+        assert (a - b).abs().max() <= 1e-4 * a.abs().max() + 1e-6
