@@ -20,6 +20,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_data.py
 	$(BIN)/python benchmarks/bench_masked.py
 	$(BIN)/python benchmarks/bench_structured.py
+	$(BIN)/python benchmarks/bench_bounds.py
+	$(BIN)/python benchmarks/bench_smoothing.py
+	$(BIN)/python benchmarks/bench_corruptions.py
+	$(BIN)/python benchmarks/bench_augmix.py
+	$(BIN)/python benchmarks/bench_deck.py
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
