@@ -211,3 +211,20 @@ def test_closed_form_first_layer_matches_back_substitution_to_the_input(name, sh
     assert torch.allclose(closed, full, rtol=1e-5, atol=1e-5)
     for a, b in zip(closed_grads, full_grads):  # float32 sums of large terms: relative to the largest
         assert (a - b).abs().max() <= 1e-4 * a.abs().max() + 1e-6
+
+
+def test_hand_written_gradients_match_finite_differences():
+    from cardkit.certify.crown import _ConvBoxBound, _Dot, _ReluBack
+
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    channels_last = lambda *shape: rand(*shape).detach().contiguous(memory_format=torch.channels_last)  # noqa: E731
+    coeffs = channels_last(6, 4, 3, 3).view(2, 3, 4, 3, 3).requires_grad_()  # as transposed convolutions leave them
+    lower = (torch.rand(2, 1, 4, 3, 3, generator=g) > 0.5).double()
+    assert torch.autograd.gradcheck(_ReluBack.apply, (coeffs, lower, rand(2, 1, 4, 3, 3), rand(2, 1, 4, 3, 3)),
+                                    fast_mode=True)
+    assert torch.autograd.gradcheck(_Dot.apply, (rand(2, 3, 5), rand(2, 5)), fast_mode=True)
+    flat = channels_last(6, 4, 3, 3).requires_grad_()
+    radius = (torch.rand(2, 2, 5, 5, generator=g, dtype=torch.float64) + 0.1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda f, w, m, r: _ConvBoxBound.apply(f, w, m, r, (2, 2), (1, 1), (0, 0)),
+                                    (flat, rand(4, 2, 3, 3), rand(2, 4, 3, 3), radius), fast_mode=True)

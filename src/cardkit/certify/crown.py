@@ -2,8 +2,11 @@
 
 Every affine layer (Linear, Conv2d, Normalize, eval BatchNorm2d, Flatten, pooling by averaging,
 masked and binary layers) passes the linear coefficients back: in closed form for the common
-layers, through a vector-Jacobian product for the rest; each ReLU is replaced by linear lower and upper lines between its
-pre-activation bounds (the lower line's slope is 1 when u > -l, else 0). Pre-activation bounds come
+layers, through a vector-Jacobian product for the rest; each ReLU is replaced by linear lower and
+upper lines between its pre-activation bounds (the lower line's slope is 1 when u > -l, else 0).
+The first Linear or Conv2d layer is bounded over its input box directly (A f(centre) - |A L|
+radius), which equals substituting back to the input when only exact layers precede it
+(Normalize, eval BatchNorm2d, Flatten). Pre-activation bounds come
 from IBP (`intermediate="ibp"`: CROWN-IBP, Zhang et al. 2020) or from CROWN itself, intersected
 with IBP's (`intermediate="crown"`: tighter, one backward pass per neuron of each layer).
 """
@@ -62,14 +65,9 @@ class _Network:
 
     def __init__(self, layers, shapes, box):
         self.layers, self.shapes, self.box = layers, shapes, box
-        self.relu_bounds: dict[int, Bounds] = {}
         self.relaxations: dict[int, _Relaxation] = {}
         self.penultimate: Bounds | None = None  # IBP bounds on the last layer's input
         self.first, self.first_box = None, None
-
-    def add_relu(self, index: int, bounds: Bounds) -> None:
-        self.relu_bounds[index] = bounds
-        self.relaxations[index] = _Relaxation(bounds)
 
     def neuron_bounds(self, end: int) -> Bounds:
         """CROWN bounds of every neuron of the output of layers[:end]."""
@@ -114,8 +112,8 @@ def _prepare(model, x, eps, intermediate) -> _Network:
             out = layer(out)
         shapes.append(tuple(out.shape[1:]))
     net = _Network(layers, shapes, input_bounds(x, eps))
-    lead = next(i for i, (_, layer) in enumerate(layers + [("", None)]) if not isinstance(layer, _EXACT))
-    if lead < len(layers) and (isinstance(layers[lead][1], nn.Linear) or _plain_conv(layers[lead][1])):
+    lead = next((i for i, (_, layer) in enumerate(layers) if not isinstance(layer, _EXACT)), None)
+    if lead is not None and (isinstance(layers[lead][1], nn.Linear) or _plain_conv(layers[lead][1])):
         net.first = lead
     ibp = net.box
     for index, (name, layer) in enumerate(layers[:-1]):  # the last layer's output is not needed
@@ -124,7 +122,7 @@ def _prepare(model, x, eps, intermediate) -> _Network:
         if isinstance(layer, nn.ReLU):
             if intermediate == "crown":
                 ibp = _intersect(ibp, net.neuron_bounds(index))
-            net.add_relu(index, ibp)
+            net.relaxations[index] = _Relaxation(ibp)
         ibp = _propagate(name, layer, ibp)
     if net.first == len(layers) - 1:
         net.first_box = ibp
@@ -148,9 +146,10 @@ def _channels_last(coeffs: torch.Tensor) -> bool:
     return coeffs.dim() == 5 and coeffs.stride(2) == 1 and coeffs.shape[2] > 1
 
 
-def _flat(coeffs: torch.Tensor) -> torch.Tensor:
-    """N x S x neurons view of N x S x ... coefficients, neurons in memory order."""
-    if _channels_last(coeffs):
+def _flat(coeffs: torch.Tensor, channels_last: bool | None = None) -> torch.Tensor:
+    """N x S x neurons view of N x S x ... coefficients, neurons in memory order (or in the order of
+    `channels_last` coefficients)."""
+    if _channels_last(coeffs) if channels_last is None else channels_last:
         coeffs = coeffs.permute(0, 1, 3, 4, 2)
     return coeffs.reshape(*coeffs.shape[:2], -1)
 
@@ -231,7 +230,7 @@ class _ReluBack(torch.autograd.Function):
         negative = coeffs.clamp(max=0)
         ctx.save_for_backward(negative, lower, upper, intercept)
         new = (coeffs * lower).addcmul_(negative, upper - lower)
-        return new, _bmm_dot(_flat(negative), _flat(intercept).squeeze(1))
+        return new, _bmm_dot(_flat(negative), _flat(intercept, _channels_last(negative)).squeeze(1))
 
     @staticmethod
     def backward(ctx, grad_new, grad_constant):
@@ -239,8 +238,9 @@ class _ReluBack(torch.autograd.Function):
         if grad_new.stride() != negative.stride():
             grad_new = torch.empty_like(negative).copy_(grad_new)
         grad_constant = grad_constant.view(*grad_constant.shape, *[1] * (negative.dim() - 2))
-        below = (grad_new * (upper - lower)).addcmul_(grad_constant, intercept)
-        grad = (grad_new * lower).addcmul_(negative.sign(), below, value=-1)
+        # -(the negative entries' gradient beyond the lower slope's), kept where sign(negative) = -1.
+        below = (grad_new * (lower - upper)).addcmul_(grad_constant, intercept, value=-1)
+        grad = torch.sign(negative).mul_(below).addcmul_(grad_new, lower)
         grad_upper = torch.mul(grad_new, negative, out=below).sum(1, keepdim=True)
         grad_intercept = _unflat(torch.bmm(grad_constant.view(len(negative), 1, -1), _flat(negative)), negative)
         return grad, None, grad_upper, grad_intercept
@@ -271,14 +271,14 @@ def _affine_back(layer, coeffs, bias, in_shape):
 def _conv_back(layer: nn.Conv2d, flat: torch.Tensor, in_shape) -> torch.Tensor:
     """A L for a convolution: a transposed convolution with the output padding that restores the
     input's size, in channels_last (2-3x faster on CPU with oneDNN)."""
-    sizes = []
-    for dim, size in enumerate(in_shape[1:]):
-        out = flat.shape[2 + dim]
-        stride, pad, kernel = layer.stride[dim], layer.padding[dim], layer.kernel_size[dim]
-        sizes.append(size - ((out - 1) * stride - 2 * pad + kernel))
     flat = flat.contiguous(memory_format=torch.channels_last)
     return F.conv_transpose2d(flat, _weight(layer), stride=layer.stride, padding=layer.padding,
-                              output_padding=tuple(sizes))
+                              output_padding=_output_padding(layer, flat.shape[2:], in_shape[1:]))
+
+
+def _output_padding(layer: nn.Conv2d, out_size, in_size) -> tuple[int, ...]:
+    return tuple(size - ((out - 1) * stride - 2 * pad + kernel) for size, out, stride, pad, kernel
+                 in zip(in_size, out_size, layer.stride, layer.padding, layer.kernel_size))
 
 
 def _first_layer_bound(layer, coeffs, box: Bounds) -> torch.Tensor:
@@ -290,29 +290,71 @@ def _first_layer_bound(layer, coeffs, box: Bounds) -> torch.Tensor:
         return _dot(coeffs, mid) - _dot((coeffs @ _weight(layer)).abs(), radius)
     mid = layer._conv_forward(centre, _weight(layer), layer.bias)
     n, s = coeffs.shape[:2]
-    flat = coeffs.reshape(n * s, *coeffs.shape[2:])
+    flat = coeffs.reshape(n * s, *coeffs.shape[2:]).contiguous(memory_format=torch.channels_last)
     if layer.stride[0] == layer.stride[1] > 1:
-        back, radius = _phase_back(layer, flat, radius)
+        weight, radius = _space_to_depth(layer, flat.shape[2:], radius)
+        conv = ((1, 1), (0, 0), (0, 0))
     else:
-        back = _conv_back(layer, flat, radius.shape[1:])
-    return _dot(coeffs, mid) - _dot(back.view(n, s, *back.shape[1:]).abs(), radius)
+        weight = _weight(layer)
+        conv = (layer.stride, layer.padding, _output_padding(layer, flat.shape[2:], radius.shape[2:]))
+    return _ConvBoxBound.apply(flat, weight, mid, radius.contiguous(memory_format=torch.channels_last), *conv)
 
 
-def _phase_back(layer: nn.Conv2d, flat: torch.Tensor, radius: torch.Tensor):
-    """A L for a strided convolution, with the input in space-to-depth form (each stride x stride
-    block of pixels as channels), where it is a stride-1 transposed convolution that oneDNN runs
-    several times faster. Returns it with the radius in the same form (zero on the padding)."""
+def _space_to_depth(layer: nn.Conv2d, out_size, radius: torch.Tensor):
+    """A strided convolution as a stride-1 one over the input in space-to-depth form (each stride x
+    stride block of pixels as channels), whose transpose oneDNN runs several times faster: its
+    weight, and the radius in that form (zero on the padding)."""
     weight, stride = _weight(layer), layer.stride[0]
     out_channels, channels = weight.shape[:2]
     taps = [math.ceil(k / stride) for k in layer.kernel_size]
     weight = F.pad(weight, (0, taps[1] * stride - weight.shape[3], 0, taps[0] * stride - weight.shape[2]))
     weight = weight.view(out_channels, channels, taps[0], stride, taps[1], stride).permute(0, 1, 3, 5, 2, 4)
     weight = weight.reshape(out_channels, channels * stride * stride, *taps)
-    blocks = [out + tap - 1 for out, tap in zip(flat.shape[2:], taps)]
+    blocks = [out + tap - 1 for out, tap in zip(out_size, taps)]
     (pad_h, pad_w), (height, width) = layer.padding, radius.shape[2:]
     radius = F.pad(radius, (pad_w, blocks[1] * stride - width - pad_w, pad_h, blocks[0] * stride - height - pad_h))
-    back = F.conv_transpose2d(flat.contiguous(memory_format=torch.channels_last), weight)
-    return back, F.pixel_unshuffle(radius, stride)
+    return weight, F.pixel_unshuffle(radius, stride)
+
+
+class _ConvBoxBound(torch.autograd.Function):
+    """A mid - |A L| radius with A L the transposed convolution of A (NS x C x H x W, channels_last):
+    one allocation per direction for the large A L, where autograd's abs and products take several."""
+
+    @staticmethod
+    def forward(ctx, flat, weight, mid, radius, stride, padding, output_padding):
+        back = F.conv_transpose2d(flat, weight, stride=stride, padding=padding, output_padding=output_padding)
+        ctx.save_for_backward(flat, weight, mid, radius, back)
+        ctx.conv = (stride, padding, output_padding)
+        n = len(mid)
+        return _bmm_dot(_rows(flat, n), _rows(mid, n)[:, 0]) - _bmm_dot(_rows(back.abs(), n), _rows(radius, n)[:, 0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        flat, weight, mid, radius, back = ctx.saved_tensors
+        n, s = grad.shape
+        grad_back = back.sign()
+        grad_back.view(n, s, *back.shape[1:]).mul_(radius.unsqueeze(1)).mul_(-grad.view(n, s, 1, 1, 1))
+        stride, padding, output_padding = ctx.conv
+        grad_flat, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad_back, flat, weight, None, stride, padding, (1, 1), True, output_padding, 1,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+        if grad_flat is not None:
+            grad_flat.view(n, s, *flat.shape[1:]).addcmul_(grad.view(n, s, 1, 1, 1), mid.unsqueeze(1))
+        rows = grad.unsqueeze(1)
+        grad_mid = _unrows(torch.bmm(rows, _rows(flat, n)), mid) if ctx.needs_input_grad[2] else None
+        grad_radius = -_unrows(torch.bmm(rows, _rows(back.abs(), n)), radius) if ctx.needs_input_grad[3] else None
+        return grad_flat, grad_weight, grad_mid, grad_radius, None, None, None
+
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """(N S) x C x H x W as N x S x (H W C), channel innermost (a view for channels_last)."""
+    return t.permute(0, 2, 3, 1).reshape(n, -1, t[0].numel())
+
+
+def _unrows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """N x 1 x (H W C) back to N x C x H x W."""
+    channels, height, width = like.shape[1:]
+    return rows.view(len(like), height, width, channels).permute(0, 3, 1, 2)
 
 
 def _channel_affine(layer) -> tuple[torch.Tensor, torch.Tensor]:
