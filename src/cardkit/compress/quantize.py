@@ -32,7 +32,7 @@ MAX_BITS = 8
 class Quantized:
     values: torch.Tensor  # dequantized weight: input's shape and dtype, exactly 0 where mask == 0
     codes: torch.Tensor  # int64 index into the codebook (of its channel), one per weight
-    codebook: torch.Tensor  # float32: values == codebook[codes] (per channel: its row); shapes: see quantizers
+    codebook: torch.Tensor  # float32: values == codebook[codes] (per channel: its row); shapes below
     bits: int
 
 
