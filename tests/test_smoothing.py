@@ -69,3 +69,20 @@ def test_certified_accuracy_decreases_with_radius():
 def test_bad_smoothing_parameters(args, match):
     with pytest.raises(CardkitError, match=match):
         check_smoothing(*args)
+
+
+def test_noise_is_fresh_gaussian_in_every_batch_and_reproducible():
+    from cardkit.certify.smoothing import _Noise
+
+    x = torch.linspace(0, 1, 12).view(3, 2, 2)
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        noise = _Noise(5_000, x)
+        draws.append([(noise.draw(5_000, 0.5, x) - x).clone() for _ in range(3)])
+    first = torch.stack(draws[0])  # batches x samples x C x H x W
+    assert torch.equal(first, torch.stack(draws[1]))  # same seed, same noise
+    assert abs(first.mean().item()) < 0.01 and abs(first.std().item() - 0.5) < 0.01
+    flat = first.flatten(0, 1).flatten(1)  # no sample repeats, no pixel correlates with another
+    assert len(torch.unique(flat, dim=0)) == len(flat)
+    assert torch.corrcoef(flat.T).fill_diagonal_(0).abs().max() < 0.05

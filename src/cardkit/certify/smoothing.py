@@ -64,7 +64,7 @@ def sample_counts(model: nn.Module, x: torch.Tensor, sigma: float, num: int, bat
 
 
 class _Noise:
-    """Fresh i.i.d. N(0, 1) draws into one reused buffer. On CPU, torch's generator is serial and
+    """Fresh i.i.d. Gaussian noise in one reused buffer. On CPU, torch's generator is serial and
     as costly as inference of a small network, so the buffer is filled in one slice per thread,
     each slice from its own generator seeded from torch's (reproducible under torch.manual_seed)."""
 
