@@ -98,3 +98,15 @@ def test_domain_keys_name_what_changes_the_images():
     assert domain_key(NOISE) == "gaussian(sigma=0.1)"
     assert domain_key({**AUGMIX, "jsd": False}) == domain_key(AUGMIX)  # the loss does not change images
     assert domain_key(None) is None
+
+
+def test_deck_config_errors_are_one_line(tmp_path):
+    from cardkit.engine.deck import load_deck_config
+
+    config = tmp_path / "deck.yaml"
+    config.write_text("cards: [{checkpoint: runs/a, domain: {name: augmx}}]\n")
+    with pytest.raises(CardkitError, match=r"cards.0.domain.name: unknown domain 'augmx'; valid: augmix, gaussian, clean"):
+        load_deck_config(config)
+    config.write_text("cards: [{checkpoint: runs/a}]\ngatng: fixed\n")
+    with pytest.raises(CardkitError, match=r"unknown config key 'gatng'; did you mean 'gating'\?"):
+        load_deck_config(config)

@@ -18,7 +18,7 @@ from cardkit.config_base import Section
 from cardkit.errors import CardkitError
 from cardkit.numbers import Number
 from cardkit.objectives import OBJECTIVE_CONFIGS, NaturalConfig
-from cardkit.objectives.augment import AUGMENT_CONFIGS, AugmentConfig
+from cardkit.objectives.augment import AUGMENT_CONFIGS, DOMAIN_CONFIGS, AugmentConfig
 from cardkit.prune import METHOD_CONFIGS
 
 ObjectiveConfig = Annotated[Union[tuple(OBJECTIVE_CONFIGS)], Field(discriminator="name")]
@@ -298,7 +298,7 @@ def _describe(err: ValidationError, raw: dict, root: type[Section]) -> str:
         hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
         return f"unknown config key '{key}'; {hint}valid keys here: {', '.join(valid)}{more}"
     if kind == "union_tag_invalid":
-        what = {"objective": "objective", "augment": "augmentation"}.get(loc[-1], "pruning method")
+        what = {"objective": "objective", "augment": "augmentation", "domain": "domain"}.get(loc[-1], "pruning method")
         names = [c.model_fields["name"].default for c in _tagged_configs(loc[-1])]
         given = first["input"].get("name") if isinstance(first["input"], dict) else first["input"]
         close = difflib.get_close_matches(str(given), names, n=2)
@@ -316,8 +316,8 @@ def _objective_names() -> list[str]:
 
 def _tagged_configs(parent: str) -> list:
     """The config classes of a tagged union found under the key `parent`."""
-    if parent == "augment":
-        return list(AUGMENT_CONFIGS)
+    if parent in ("augment", "domain"):
+        return list(AUGMENT_CONFIGS if parent == "augment" else DOMAIN_CONFIGS)
     return OBJECTIVE_CONFIGS if parent == "objective" else METHOD_CONFIGS if parent.isdigit() else []
 
 

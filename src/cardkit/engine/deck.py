@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 import torch
 from pydantic import Field, NonNegativeInt, PositiveInt
@@ -28,19 +28,12 @@ from cardkit.engine.checkpoint import write_json_atomic
 from cardkit.engine.pipeline import _find_checkpoint, _subset, load_data, model_from_checkpoint, resolve_device
 from cardkit.errors import CardkitError
 from cardkit.eval.corruption import evaluate_corruptions
-from cardkit.objectives.augment import CLEAN, AugMixConfig, NoiseConfig, augmenter
+from cardkit.objectives.augment import CLEAN, DomainConfig, augmenter, domain_config
 from cardkit.train.trainer import derive_seed
 
 log = logging.getLogger(__name__)
 FORMAT, VERSION = "cardkit-deck", 1
 SPECTRA = "spectra.safetensors"
-
-
-class CleanConfig(Section):
-    name: Literal["clean"] = "clean"
-
-
-DomainConfig = Annotated[Union[AugMixConfig, NoiseConfig, CleanConfig], Field(discriminator="name")]
 
 
 class DeckCardConfig(Section):
@@ -84,7 +77,7 @@ def build_deck(config: DeckConfig) -> Path:
     spectra = {}
     for index, (key, domain) in enumerate(sorted(domains.items())):
         torch.manual_seed(derive_seed(config.seed, index))
-        transform = None if domain["name"] == CLEAN else augmenter(_domain_config(domain))
+        transform = None if domain["name"] == CLEAN else augmenter(domain_config(domain))
         spectra[key] = reference_spectrum((x for x, _ in loader.epoch(0)), transform).cpu()
     deck = CardDeck(cards, spectra, gating=config.gating, k=config.k, distance=config.distance)
     folder = config.folder
@@ -111,10 +104,6 @@ def _load_cards(config: DeckConfig, device: torch.device) -> tuple[list[Card], R
                           size.dense_bits // 8))
         first_config = first_config or validate_config(checkpoint.meta["config"])
     return cards, first_config
-
-
-def _domain_config(domain: dict):
-    return validate_section(DeckCardConfig, {"checkpoint": "-", "domain": domain}).domain
 
 
 def load_deck(folder: str | Path, device: torch.device | str = "cpu") -> tuple[CardDeck, dict]:
@@ -161,7 +150,7 @@ def evaluate_deck(folder: str | Path, *, gating: Optional[str] = None, k: Option
     test = _subset(load_data(run_config).test, samples, seed)
     source = str(suite) if suite else f"generated from the test split ({len(test)} images, seed {seed})"
     corrupted = CorruptedSuite(suite) if suite else GeneratedSuite(test, seed)
-    classifiers = {"deck": deck, **{c.name: _logits(c.model) for c in deck.cards}}
+    classifiers = {"deck": deck, **{c.name: c.model for c in deck.cards}}  # cards load in eval mode
     batch = run_config.data.eval_batch_size
     results = evaluate_corruptions(classifiers, corrupted, source=source, names=expand_names(names),
                                    severities=list(severities), clean=test, batch_size=batch, device=device)
@@ -169,7 +158,3 @@ def evaluate_deck(folder: str | Path, *, gating: Optional[str] = None, k: Option
               "memory": deck.memory(), "results": {label: r.to_dict() for label, r in results.items()}}
     write_json_atomic(folder / "evaluate" / "metrics.json", report)
     return report
-
-
-def _logits(model):
-    return lambda x: model(x)

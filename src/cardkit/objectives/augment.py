@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Annotated, Callable, Literal, Optional, Union
 
 import torch
-from pydantic import Field, NonNegativeFloat, PositiveInt
+from pydantic import Field, NonNegativeFloat, PositiveInt, TypeAdapter
 
 from cardkit.config_base import Section
 from cardkit.data.augmix import AugMix, jensen_shannon
@@ -37,9 +37,22 @@ class NoiseConfig(Section):
     sigma: Number = Field(0.1, gt=0)
 
 
+class CleanConfig(Section):
+    """The domain of a model trained without augmentation."""
+
+    name: Literal["clean"] = "clean"
+
+
 AUGMENT_CONFIGS = (AugMixConfig, NoiseConfig)
 AugmentConfig = Annotated[Union[AUGMENT_CONFIGS], Field(discriminator="name")]
-CLEAN = "clean"  # the domain of a model trained without augmentation
+DOMAIN_CONFIGS = AUGMENT_CONFIGS + (CleanConfig,)
+DomainConfig = Annotated[Union[DOMAIN_CONFIGS], Field(discriminator="name")]
+CLEAN = CleanConfig().name
+
+
+def domain_config(domain: dict) -> AugMixConfig | NoiseConfig | CleanConfig:
+    """A recorded domain (a checkpoint's or a deck's JSON) as its validated config."""
+    return TypeAdapter(DomainConfig).validate_python(domain)
 
 
 def augmenter(config: AugMixConfig | NoiseConfig) -> Callable[[torch.Tensor], torch.Tensor]:
