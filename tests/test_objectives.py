@@ -76,3 +76,18 @@ def test_bound_objectives_ramp_eps_kappa_and_beta():
     assert half["loss"].item() == pytest.approx(0.75 * natural + 0.25 * half["robust_loss"].item(), rel=1e-5)
     objective.set_progress(10.0)
     assert objective.progress == 1.0
+
+
+def test_pgd_at_mixes_clean_and_adversarial_terms():
+    import torch.nn.functional as F
+    from cardkit.attacks import Threat
+    from cardkit.objectives import build_objective
+    from cardkit.objectives.standard import PGDATConfig
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 3, (8,))
+    config = PGDATConfig(clean_weight=0.5, adversarial_weight=0.25, random_start=False)
+    out = build_objective(config, Threat("linf", 0.1))(model, x, y)
+    expected = 0.5 * F.cross_entropy(model(x), y) + 0.25 * F.cross_entropy(model(out["x_adv"]), y)
+    assert torch.allclose(out["loss"], expected)

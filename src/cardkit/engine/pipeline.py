@@ -140,7 +140,7 @@ def _run_variant(run: _Run, method: Section, index: int, result: RunResult) -> N
         result.history[f"{method.label}/prune"] = _train_stage(
             run, "prune", folder / "prune", model, stage_id=stage_id("prune"), meta=meta,
             before_save=setup.group.refresh,  # the saved masks match the saved scores
-            on_step=setup.after_step)
+            on_step=setup.after_step, regularizer=setup.regularizer)
         if method.scope == "structured":  # channels ranked by the trained scores
             source = "rebuild"
             _save_one_shot(folder / source, lambda: to_structured(model, method), config, meta,
@@ -321,6 +321,7 @@ def _train_stage(run: _Run, stage: str, folder: Path, model: nn.Module, *, stage
                  group: MaskGroup | None = None,
                  before_save: Callable[[], None] | None = None,
                  on_step: Callable[[int, int], None] | None = None,
+                 regularizer: Callable[[], torch.Tensor] | None = None,
                  keep_epochs: set[int] = frozenset()) -> list[dict]:
     """Train `model` for one stage in `folder`, resuming from its own checkpoint if there is one,
     else starting from `start`. With a frozen mask `group`, pruned weights are zeroed after every
@@ -379,7 +380,7 @@ def _train_stage(run: _Run, stage: str, folder: Path, model: nn.Module, *, stage
     trainer = Trainer(model, objective, stage_config, loader,
                       optimizer, seed=config.seed, stage_id=stage_id, evaluate=evaluate, save=save,
                       forward_model=forward_model, progress=run.progress, describe=describe,
-                      on_step=on_step)
+                      on_step=on_step, regularizer=regularizer)
     state.history = history
     return trainer.fit(state).history
 

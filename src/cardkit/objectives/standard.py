@@ -34,7 +34,12 @@ class _AttackedConfig(Section):
 
 
 class PGDATConfig(_AttackedConfig):
+    """loss = clean_weight x CE(x) + adversarial_weight x CE(x_adv); the default is Madry's pure
+    adversarial loss, ATMC's paper mixes both terms."""
+
     name: Literal["pgd_at"] = "pgd_at"
+    clean_weight: NonNegativeFloat = 0.0
+    adversarial_weight: NonNegativeFloat = 1.0
 
 
 class TradesConfig(_AttackedConfig):
@@ -76,7 +81,12 @@ class PGDAT(_Attacked):
     def __call__(self, model, x, y):
         x_adv = self.attack(model, x, y)
         logits = model(x_adv)
-        return {"loss": F.cross_entropy(logits, y), "logits": logits, "x_adv": x_adv}
+        loss = F.cross_entropy(logits, y)
+        if self.config.adversarial_weight != 1.0:
+            loss = self.config.adversarial_weight * loss
+        if self.config.clean_weight:
+            loss = loss + self.config.clean_weight * F.cross_entropy(model(x), y)
+        return {"loss": loss, "logits": logits, "x_adv": x_adv}
 
 
 class Trades(_Attacked):

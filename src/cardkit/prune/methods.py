@@ -110,6 +110,7 @@ class PruneSetup:
     group: Optional[MaskGroup]  # None for a physically rebuilt model: it has no masks
     trains: bool  # whether the prune stage trains anything (scores) before the mask is frozen
     after_step: Optional[Callable[[int, int], None]] = None  # (steps done, total steps) in the stage
+    regularizer: Optional[Callable[[], torch.Tensor]] = None  # added to the prune stage's loss
 
 
 METHODS = HandlerTable("pruning method")

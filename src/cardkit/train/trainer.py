@@ -72,7 +72,8 @@ class Trainer:
                  loader, optimizer: torch.optim.Optimizer, *, seed: int, stage_id: int,
                  evaluate: Callable[[nn.Module], RobustnessResult], save: CheckpointFn,
                  forward_model: nn.Module | None = None, progress: bool = False,
-                 describe: str = "train", on_step: Callable[[int, int], None] | None = None):
+                 describe: str = "train", on_step: Callable[[int, int], None] | None = None,
+                 regularizer: Callable[[], torch.Tensor] | None = None):
         self.model = model
         self.forward_model = forward_model or model  # a compiled wrapper, when compiling
         self.objective = objective
@@ -85,6 +86,7 @@ class Trainer:
         self.progress = progress
         self.describe = describe
         self.on_step = on_step  # on_step(steps done, total steps): e.g. a pruning schedule
+        self.regularizer = regularizer  # a penalty added to the loss: e.g. ATMC's ADMM term
 
     def fit(self, state: TrainState) -> TrainState:
         for epoch in range(state.epoch, self.config.epochs):
@@ -132,6 +134,8 @@ class Trainer:
         self.objective.set_progress(state.step / steps_per_epoch)
         out = self.objective(self.forward_model, x, y)
         loss = out["loss"]
+        if self.regularizer is not None:
+            loss = loss + self.regularizer()
         value = float(loss.detach())
         if not math.isfinite(value):
             raise TrainingDiverged(
