@@ -189,6 +189,13 @@ class MaskGroup:
             if not layer.binary:
                 layer.weight.mul_(layer.mask)
 
+    def restored(self) -> None:
+        """Loaded from a checkpoint for fine-tuning: the masks stay as loaded and the scores
+        stop training (the weights train)."""
+        self.frozen = True
+        for layer in self.layers:
+            layer.scores.requires_grad_(False)
+
     @torch.no_grad()
     def enforce(self) -> None:
         """Zero the pruned weights again (after an optimizer step: momentum or weight decay may

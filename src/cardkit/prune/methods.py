@@ -280,13 +280,12 @@ def gmp(model: nn.Module, config: GMPConfig) -> PruneSetup:
     return PruneSetup(model, group, trains=True, after_step=after_step)
 
 
-def restore_masks(model: nn.Module, config: Section) -> MaskGroup:
+def restore_masks(model: nn.Module, config: Section):
     """Rebuild the masked layers of a pruned model, before its state is loaded: the loaded masks
-    are then used as they are (frozen), and the weights, not the scores, train."""
+    are then used as they are (frozen), and the weights, not the scores, train. Returns the
+    model's mask group (a `MaskGroup`, or the method's own group with the same interface)."""
     group = prune_model(model, config).group
-    group.frozen = True
     for p in model.parameters():
         p.requires_grad_(True)
-    for layer in group.layers:
-        layer.scores.requires_grad_(False)
+    group.restored()
     return group
