@@ -4,7 +4,8 @@ A layer describes its weights as `StoredTensor`s: a masked or plain layer has on
 ATMC layer three (its factors U, V and sparse part C). Each holds exactly the tensor its forward
 uses, so size accounting and the compressed file are computed from the same numbers the model
 computes with, and a loaded file reproduces the outputs exactly. Layers with their own storage
-define `stored_tensors(prefix)`; `combine_weight(layer_kind, parts)` rebuilds a layer's weight.
+define `stored_tensors(prefix)`; `factorized_weight` composes an ATMC layer's weight, the same
+way in training and when a file is loaded.
 """
 
 from __future__ import annotations
@@ -56,3 +57,9 @@ def stored_names(model: nn.Module) -> set[str]:
             if key != "bias":
                 names.add(f"{name}.{key}")
     return names
+
+
+def factorized_weight(u: torch.Tensor, v: torch.Tensor, c: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """ATMC's W = U V + C with U (out, rank), V (rank, fan_in) and C (out, fan_in), in the layer's
+    weight shape. The single place this product is computed, so a loaded file matches bitwise."""
+    return torch.addmm(c, u, v).view(shape)
