@@ -1,24 +1,13 @@
-"""Size accounting: values, positions (bitmap or indices, whichever is smaller) and scales."""
+"""Size accounting: values x bits, positions (the cheaper format), tables, dense float32 rest."""
 
 import torch
 from torch import nn
 
 from cardkit.compress import model_size
-from cardkit.compress.size import position_bits
+from cardkit.compress.packing import position_cost
 from cardkit.models import create_model
 from cardkit.prune import method_config, prune_model
 from cardkit.prune.masked import kept_count
-
-
-def test_position_bits_picks_the_cheaper_format():
-    n = 10_000
-    dense = torch.ones(n, dtype=torch.bool)
-    assert position_bits(dense) == (0, "dense")
-    half = torch.arange(n) % 2 == 0
-    assert position_bits(half) == (n, "bitmap")  # 5000 indices would cost more than 10000 bits
-    sparse = torch.zeros(n, dtype=torch.bool)
-    sparse[::1000] = True  # 10 kept, gaps of 1000: 10 bits each
-    assert position_bits(sparse) == (10 * 10, "indices")
 
 
 def test_dense_model_size_is_its_float32_parameters_and_buffers():
@@ -26,8 +15,8 @@ def test_dense_model_size_is_its_float32_parameters_and_buffers():
     report = model_size(model)
     floats = sum(p.numel() for p in model.parameters()) + sum(
         b.numel() for b in model.buffers() if b.is_floating_point())
-    assert report.bits == 32 * floats and report.compression_ratio == 1.0
-    assert all(layer.position_format == "dense" for layer in report.layers)
+    assert report.bits == 32 * floats == report.dense_bits and report.compression_ratio == 1.0
+    assert all(t.position_format == "dense" for t in report.tensors)
 
 
 def test_pruned_and_binary_models_count_kept_values_positions_and_scales():
@@ -35,14 +24,29 @@ def test_pruned_and_binary_models_count_kept_values_positions_and_scales():
     model = create_model("cnn_small", 10, 1, 28)
     setup = prune_model(model, method_config("magnitude", sparsity=0.9))
     report = model_size(setup.model)
-    for layer in report.layers:
-        assert layer.kept == kept_count(layer.weights, 0.9)
-        assert layer.values == 32 * layer.kept and layer.positions <= layer.weights
+    for t, layer in zip(report.tensors, setup.group.layers):
+        assert t.kept == kept_count(t.weights, 0.9) and t.scheme == "float"
+        assert t.values == 32 * t.kept and t.tables == 0
+        assert (t.positions, t.position_format) == position_cost(layer.mask.flatten().bool().numpy())
     assert 5 < report.compression_ratio < 10  # positions and the dense biases cost something
 
     binary = prune_model(create_model("cnn_small", 10, 1, 28), method_config("biprop", sparsity=0.9)).model
-    layers = model_size(binary).layers
-    assert all(layer.value_bits == 1 and layer.scales == 32 for layer in layers)
+    tensors = model_size(binary).tensors
+    assert all(t.scheme == "binary" and t.value_bits == 1 and t.tables == 32 for t in tensors)
+
+
+def test_quantized_layers_count_their_bits_and_tables():
+    torch.manual_seed(0)
+    model = create_model("cnn_small", 10, 1, 28)
+    uniform = method_config("magnitude", sparsity=0.5, quantize={"bits": 4, "per_channel": True})
+    tensors = model_size(prune_model(model, uniform).model).tensors
+    for t, (_, layer) in zip(tensors, [(n, m) for n, m in model.named_modules() if hasattr(m, "mask")]):
+        assert t.scheme == "uniform" and t.values == 4 * t.kept
+        assert t.tables == 32 * layer.weight.shape[0]  # one scale per output channel
+    model = create_model("cnn_small", 10, 1, 28)
+    kmeans = method_config("magnitude", sparsity=0.5, quantize={"bits": 3, "scheme": "kmeans"})
+    tensors = model_size(prune_model(model, kmeans).model).tensors
+    assert all(t.scheme == "kmeans" and t.values == 3 * t.kept and t.tables == 32 * 8 for t in tensors)
 
 
 def test_unpruned_zero_weights_count_as_removed():
@@ -51,4 +55,4 @@ def test_unpruned_zero_weights_count_as_removed():
         layer.weight.zero_()
         layer.weight[0, :5] = 1
     report = model_size(nn.Sequential(layer))
-    assert report.layers[0].kept == 5
+    assert report.tensors[0].kept == 5

@@ -1,5 +1,5 @@
-"""Compression accounting (and, with it, the compressed file formats)."""
+"""Compression: quantizers, size accounting and the compressed model file."""
 
-from cardkit.compress.size import LayerSize, SizeReport, model_size
+from cardkit.compress.size import SizeReport, TensorSize, model_size
 
-__all__ = ["LayerSize", "SizeReport", "model_size"]
+__all__ = ["SizeReport", "TensorSize", "model_size"]

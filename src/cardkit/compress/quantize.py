@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from numbers import Integral
+from typing import Literal
 
 import torch
 
@@ -34,6 +35,23 @@ class Quantized:
     codes: torch.Tensor  # int64 index into the codebook (of its channel), one per weight
     codebook: torch.Tensor  # float32: values == codebook[codes] (per channel: its row); shapes below
     bits: int
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How a layer's weight is quantized while it trains and when it is stored."""
+
+    scheme: Literal["uniform", "kmeans"]
+    bits: int
+    per_channel: bool = False  # uniform only: one scale per output channel
+
+    def __call__(self, weight: torch.Tensor, mask: torch.Tensor | None,
+                 codebook: torch.Tensor | None = None) -> Quantized:
+        """Uniform levels from the weight itself; k-means: the nearest centre of `codebook`
+        (fitted separately, so that the result is a function of the layer's state)."""
+        if self.scheme == "uniform":
+            return quantize_uniform(weight, mask, bits=self.bits, per_channel=self.per_channel)
+        return quantize_kmeans(weight, mask, bits=self.bits, iterations=0, init=codebook)
 
 
 def check_bits(bits) -> int:
@@ -58,9 +76,17 @@ def quantize_uniform(weight: torch.Tensor, mask: torch.Tensor | None = None, *, 
     steps = (rows / torch.where(scale > 0, scale, 1)).round().clamp(-top, top)
     # Code `top` is the zero level: removed weights get it, so values == codebook[codes] everywhere.
     codes = torch.where(kept, (steps.long() + top).view_as(w), top)
-    codebook = torch.arange(-top, top + 1, device=w.device, dtype=torch.float32) * scale
+    codebook = uniform_codebook(scale.flatten(), bits)
     codebook = codebook if per_channel else codebook[0]
     return _result(weight, codes, codebook, kept, bits)
+
+
+def uniform_codebook(scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """The levels k x scale, k = -(2^(b-1)-1) .. 2^(b-1)-1, one row per scale: a stored file
+    keeps only the scales and rebuilds the codebook bitwise through this function."""
+    top = 2 ** (bits - 1) - 1
+    levels = torch.arange(-top, top + 1, device=scale.device, dtype=torch.float32)
+    return levels * scale.float().reshape(-1, 1)
 
 
 def quantize_binary(weight: torch.Tensor, mask: torch.Tensor | None = None, *,

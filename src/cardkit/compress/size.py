@@ -1,50 +1,63 @@
-"""Honest size accounting: what a compressed model costs to store, layer by layer.
+"""Honest size accounting: what a compressed model costs to store, tensor by tensor.
 
-A pruned layer stores its kept values (kept x bits; a binary layer stores signs, 1 bit each, plus
-one float32 scale) and their positions, as the cheaper of a bitmap (one bit per weight) and
-compressed indices (the gaps between kept positions, each in the fewest bits that hold the largest
-gap). Every other parameter and buffer (biases, normalization) is stored as float32. Masks and
-scores are training state, not part of the model.
+Every weight tensor (see `stored.py`) costs its kept values (kept x bits: 32 for float, the
+quantizer's bits, 1 for binary signs), its positions (the cheaper of a bitmap and gap-coded
+indices; nothing when dense) and its table (scales, alphas or a k-means codebook, float32).
+Every other parameter and buffer (biases, normalization) is a float32 value. Masks, scores,
+codebook copies and optimizer state are training state, not part of the model. The numbers are
+those of the encoded streams the compressed file writes (`encode.py`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from cardkit.prune.masked import MaskedLayer, prunable_layers
-
-FLOAT_BITS = 32
+from cardkit.compress.encode import FLOAT_BITS, EncodedTensor, encode_tensor
+from cardkit.compress.stored import stored_names, stored_tensors
 
 
 @dataclass(frozen=True)
-class LayerSize:
-    layer: str
+class TensorSize:
+    name: str
     weights: int
     kept: int
+    scheme: str
     value_bits: int  # per kept value
     values: int  # bits
     positions: int  # bits
-    position_format: str  # dense | bitmap | indices
-    scales: int  # bits
+    position_format: str  # dense | bitmap | gaps
+    tables: int  # bits of scales or codebooks
 
     @property
     def bits(self) -> int:
-        return self.values + self.positions + self.scales
+        return self.values + self.positions + self.tables
+
+    @classmethod
+    def of(cls, encoded: EncodedTensor) -> "TensorSize":
+        return cls(encoded.name, encoded.weights, encoded.kept, encoded.scheme, encoded.value_bits,
+                   encoded.value_stream_bits, encoded.positions.bits, encoded.positions.format,
+                   encoded.table_bits)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "weights": self.weights, "kept": self.kept, "scheme": self.scheme,
+                "value_bits": self.value_bits, "values_bytes": self.values / 8,
+                "positions_bytes": self.positions / 8, "position_format": self.position_format,
+                "tables_bytes": self.tables / 8, "bytes": math.ceil(self.bits / 8)}
 
 
 @dataclass(frozen=True)
 class SizeReport:
-    layers: list[LayerSize]
+    tensors: list[TensorSize]
     other_bits: int  # biases, normalization and other buffers, float32
-    dense_bits: int  # the same model with every weight a float32 value
+    dense_bits: int  # the dense model: every weight and every other parameter a float32 value
 
     @property
     def bits(self) -> int:
-        return sum(layer.bits for layer in self.layers) + self.other_bits
+        return sum(t.bits for t in self.tensors) + self.other_bits
 
     @property
     def bytes(self) -> int:
@@ -54,41 +67,45 @@ class SizeReport:
     def compression_ratio(self) -> float:
         return self.dense_bits / max(self.bits, 1)
 
+    def part_bytes(self, part: str) -> float:
+        return sum(getattr(t, part) for t in self.tensors) / 8
+
     def to_dict(self) -> dict:
         return {"bytes": self.bytes, "dense_bytes": math.ceil(self.dense_bits / 8),
-                "compression_ratio": self.compression_ratio, "other_bytes": math.ceil(self.other_bits / 8),
-                "layers": [{**asdict(layer), "bytes": math.ceil(layer.bits / 8)} for layer in self.layers]}
+                "compression_ratio": self.compression_ratio, "values_bytes": self.part_bytes("values"),
+                "positions_bytes": self.part_bytes("positions"), "tables_bytes": self.part_bytes("tables"),
+                "other_bytes": self.other_bits / 8, "tensors": [t.to_dict() for t in self.tensors]}
 
 
 def model_size(model: nn.Module) -> SizeReport:
-    layers = [_layer_size(name, module) for name, module in prunable_layers(model)]
-    counted = {f"{layer.layer}.weight" for layer in layers}
-    other = sum(p.numel() for name, p in model.named_parameters()
-                if name not in counted and not name.endswith(".scores"))
-    other += sum(t.numel() for name, t in model.named_buffers()
-                 if not name.endswith(".mask") and t.is_floating_point())
-    dense = sum(layer.weights for layer in layers)
-    return SizeReport(layers, FLOAT_BITS * other, FLOAT_BITS * (dense + other))
+    return size_of(encode_model(model)[0], model)
 
 
-def _layer_size(name: str, module: nn.Module) -> LayerSize:
-    kept_flags = (module.mask if isinstance(module, MaskedLayer) else module.weight != 0).detach().flatten().bool()
-    n, kept = kept_flags.numel(), int(kept_flags.sum())
-    binary = isinstance(module, MaskedLayer) and module.binary
-    value_bits = 1 if binary else FLOAT_BITS
-    positions, form = position_bits(kept_flags)
-    return LayerSize(name, n, kept, value_bits, kept * value_bits, positions, form,
-                     FLOAT_BITS if binary else 0)
+def encode_model(model: nn.Module) -> tuple[list[EncodedTensor], dict[str, torch.Tensor]]:
+    """The encoded weight tensors and the other tensors stored as float32, by state-dict name."""
+    return [encode_tensor(t) for t in stored_tensors(model)], other_tensors(model)
 
 
-def position_bits(kept: torch.Tensor) -> tuple[int, str]:
-    """Bits to store which of the flattened weights are kept, and the cheaper format."""
-    n, count = kept.numel(), int(kept.sum())
-    if count == n:
-        return 0, "dense"
-    if count == 0:
-        return 0, "indices"
-    index = torch.nonzero(kept).flatten()
-    gaps = torch.diff(index, prepend=index.new_zeros(1))
-    indices = count * max(1, int(gaps.max()).bit_length())
-    return (n, "bitmap") if n <= indices else (indices, "indices")
+def size_of(encoded: list[EncodedTensor], model: nn.Module) -> SizeReport:
+    other = sum(t.numel() for t in other_tensors(model).values())
+    return SizeReport([TensorSize.of(e) for e in encoded], FLOAT_BITS * other, dense_bits(model))
+
+
+def other_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Floating-point parameters and buffers outside the stored weights (biases, normalization)."""
+    skip = stored_names(model)
+    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    return {name: t for name, t in state.items() if name not in skip and t.is_floating_point()}
+
+
+def dense_bits(model: nn.Module) -> int:
+    """The dense fp32 model: every Conv2d / Linear weight and every other tensor a float32 value
+    (of the full architecture, for a model rebuilt smaller by structured pruning)."""
+    from cardkit.prune.masked import prunable_layers
+
+    if "structured" in getattr(model, "arch", {}):
+        from cardkit.models import create_model
+
+        model = create_model(**{k: v for k, v in model.arch.items() if k != "structured"})
+    weights = sum(module.weight.numel() for _, module in prunable_layers(model))
+    return FLOAT_BITS * (weights + sum(t.numel() for t in other_tensors(model).values()))

@@ -31,6 +31,16 @@ class StoredTensor:
     per_channel: bool = False  # the codebook (or scale) has one row per output channel (dim 0)
 
 
+def binary_codes(values: torch.Tensor, kept: torch.Tensor) -> Optional[Quantized]:
+    """Signs and one scale when the kept values are exactly +-alpha (biprop), else None."""
+    alpha = values[kept].abs().amax() if kept.any() else values.new_zeros(())
+    codebook = torch.stack([-alpha, alpha]).reshape(1, 2)
+    codes = (values > 0).long()
+    if not torch.equal(torch.where(kept, codebook[0][codes], 0), torch.where(kept, values, 0)):
+        return None
+    return Quantized(values, codes, codebook, 1)
+
+
 def stored_tensors(model: nn.Module) -> list[StoredTensor]:
     """Every Conv2d / Linear weight of the model, in module order."""
     from cardkit.prune.masked import prunable_layers

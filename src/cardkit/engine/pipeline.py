@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from torch import nn
 
 from cardkit.attacks import Threat
 from cardkit.config import STAGES, TRAIN_STAGES, RunConfig, dump_config, validate_config
+from cardkit.compress import SizeReport, model_size
 from cardkit.config_base import Section
 from cardkit.data import ArrayDataset, Augmentation, BatchLoader, DatasetSplits, load_dataset
 from cardkit.engine.checkpoint import (Checkpoint, has_checkpoint, load_checkpoint,
@@ -305,15 +307,18 @@ def load_model_state(model: nn.Module, checkpoint: Checkpoint) -> None:
                            f"was trained with") from None
 
 
-def summarize_model(model: nn.Module) -> dict[str, Any]:
+def summarize_model(model: nn.Module, size: SizeReport | None = None) -> dict[str, Any]:
+    """Parameters, sparsity and the accounted compressed size (see cardkit.compress.size)."""
     params = sum(p.numel() for name, p in model.named_parameters() if not name.endswith(".scores"))
     report = sparsity_report(model)
+    size = size or model_size(model)
     if "structured" in model.arch:  # sparsity against the dense architecture it was cut from
         base = create_model(**{k: v for k, v in model.arch.items() if k != "structured"})
         dense = sparsity_report(base)["prunable_weights"]
         report["sparsity"] = 1 - report["kept_weights"] / dense
     return {"name": model.arch["name"], "parameters": params, "sparsity": report["sparsity"],
-            "kept_parameters": report["kept_parameters"], "size_bytes": report["effective_bytes"]}
+            "kept_parameters": report["kept_parameters"], "size_bytes": size.bytes,
+            "dense_bytes": math.ceil(size.dense_bits / 8), "compression_ratio": size.compression_ratio}
 
 
 def _train_stage(run: _Run, stage: str, folder: Path, model: nn.Module, *, stage_id: int,
@@ -422,12 +427,14 @@ def _evaluate(run: _Run, variant: str, model: nn.Module, folder: Path,
     corruption = _evaluate_corruptions(run, model, data) if ev.corruption.names else None
     if corruption is not None:
         write_json_atomic(folder / "evaluate" / "corruption.json", corruption.to_dict())
-    summary = summarize_model(model)
+    size = model_size(model)
+    summary = summarize_model(model, size)
     write_json_atomic(folder / "evaluate" / "metrics.json", {
         "variant": variant, "checkpoint": str(checkpoint.path), "dataset": config.data.name,
         "model": summary, "pruning": checkpoint.meta.get("pruning"), "domain": checkpoint.meta.get("domain"),
         "robustness": result.to_dict(), "verified": [v.to_dict() for v in verified],
-        "corruption": corruption_summary(corruption), "layers": sparsity_report(model)["layers"]})
+        "corruption": corruption_summary(corruption), "layers": sparsity_report(model)["layers"],
+        "size": size.to_dict()})
     return Evaluation(variant, summary, result, verified, corruption)
 
 

@@ -8,6 +8,11 @@ has changed (its in-place version counter moved, i.e. once per optimizer step), 
 a PGD attack inside one step reuse the cached masks. Gradients reach the scores through a
 straight-through estimator. A frozen mask is baked into the weights: the forward is the plain
 layer's, and the pruned weights are zeroed again after every optimizer step.
+
+A layer may also carry a quantizer (`set_quantizer`): its forward then uses the quantized masked
+weight, with the gradient passed straight through to the float weight (quantization-aware
+training). A k-means codebook is layer state, refitted after every optimizer step, so that the
+forward is a function of the saved state and a reloaded model computes exactly the same.
 """
 
 from __future__ import annotations
@@ -18,7 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cardkit.compress.quantize import QuantSpec, Quantized, quantize_kmeans, straight_through
+from cardkit.compress.stored import StoredTensor, binary_codes
+
 Scope = Literal["layer", "global"]
+KMEANS_FIT_ITERATIONS = 20  # a codebook's first fit
+KMEANS_REFIT_ITERATIONS = 2  # after an optimizer step, warm-started: the weights moved a little
 
 
 class MaskedLayer:
@@ -27,12 +37,51 @@ class MaskedLayer:
     scores: nn.Parameter
     mask: torch.Tensor
     binary: bool
+    quantizer: QuantSpec | None
 
     def _init_mask_state(self) -> None:
         self.scores = nn.Parameter(self.weight.detach().abs().clone(), requires_grad=False)
         self.register_buffer("mask", torch.ones_like(self.weight))
         self.binary = False  # biprop: the weight used is alpha x sign(weight) x mask
         object.__setattr__(self, "group", None)  # plain attribute: not a submodule
+        object.__setattr__(self, "quantizer", None)
+
+    def set_quantizer(self, spec: QuantSpec) -> None:
+        """Quantize the masked weight from now on; a k-means codebook is fitted to it now."""
+        if self.binary:
+            raise ValueError("binary layers are quantized already (1 bit)")
+        object.__setattr__(self, "quantizer", spec)
+        if spec.scheme == "kmeans":
+            self.register_buffer("codebook", torch.zeros(2 ** spec.bits, device=self.weight.device))
+            self.fit_codebook(KMEANS_FIT_ITERATIONS, warm=False)
+
+    @torch.no_grad()
+    def fit_codebook(self, iterations: int, warm: bool = True) -> None:
+        spec = self.quantizer
+        if spec is not None and spec.scheme == "kmeans":
+            fitted = quantize_kmeans(self.weight, self.mask, bits=spec.bits, iterations=iterations,
+                                     init=self.codebook if warm else None)
+            self.codebook.copy_(fitted.codebook)
+
+    def quantized(self) -> Quantized:
+        """The quantized masked weight, computed once per change of weight, mask or codebook."""
+        codebook = getattr(self, "codebook", None)
+        key = (self.weight._version, self.mask._version, None if codebook is None else codebook._version)
+        if getattr(self, "_quantized_key", None) != key:
+            object.__setattr__(self, "_quantized", self.quantizer(self.weight, self.mask, codebook))
+            object.__setattr__(self, "_quantized_key", key)
+        return self._quantized
+
+    def stored_tensors(self, prefix: str) -> list[StoredTensor]:
+        """The weight as a compressed file stores it: exactly what the forward uses."""
+        name, kept = f"{prefix}.weight", self.mask.detach() != 0
+        if self.quantizer is not None:
+            q = self.quantized()
+            return [StoredTensor(name, q.values.float(), kept, self.quantizer.scheme, q,
+                                 self.quantizer.per_channel)]
+        values = self.effective_weight().detach().float()
+        codes = binary_codes(values, kept) if self.binary else None
+        return [StoredTensor(name, values, kept, "binary" if codes else "float", codes)]
 
     def effective_weight(self) -> torch.Tensor:
         group = self.group
@@ -45,6 +94,8 @@ class MaskedLayer:
             return _ScoredWeight.apply(self.scores, unmasked, masked)
         if self.scores.requires_grad:
             return self._unmasked_weight() * _StraightThrough.apply(self.scores, self.mask)
+        if self.quantizer is not None:
+            return straight_through(self.weight, self.quantized().values)
         if not self.binary:
             return self.weight  # frozen: the mask is baked into the weight
         return self._unmasked_weight() * self.mask
@@ -56,10 +107,11 @@ class MaskedLayer:
 
     @torch.no_grad()
     def _cached_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (self.weight._version, self.mask._version, self.binary)
+        key = (self.weight._version, self.mask._version, self.binary, self.quantizer)
         if getattr(self, "_cache_key", None) != key:
             unmasked = self._unmasked_weight().detach()
-            object.__setattr__(self, "_cache", (unmasked, unmasked * self.mask))
+            masked = unmasked * self.mask if self.quantizer is None else self.quantized().values
+            object.__setattr__(self, "_cache", (unmasked, masked))
             object.__setattr__(self, "_cache_key", key)
         return self._cache
 
@@ -199,7 +251,8 @@ class MaskGroup:
     @torch.no_grad()
     def enforce(self) -> None:
         """Zero the pruned weights again (after an optimizer step: momentum or weight decay may
-        have moved them)."""
+        have moved them) and follow the moved weights with the k-means codebooks."""
         for layer in self.layers:
             if not layer.binary:
                 layer.weight.mul_(layer.mask)
+            layer.fit_codebook(KMEANS_REFIT_ITERATIONS)

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from typing import Callable, ClassVar, Literal, Optional
 
 import torch
-from pydantic import Field, NonNegativeInt, PositiveInt, field_validator
+from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 from torch import nn
 
+from cardkit.compress.quantize import QuantSpec, check_bits
 from cardkit.config_base import HandlerTable, Section
 from cardkit.errors import CardkitError
 from cardkit.numbers import Number
@@ -23,11 +24,47 @@ from cardkit.prune.masked import MaskGroup, add_masks, masked_layers
 NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
 
 
+class QuantizeConfig(Section):
+    """Quantization-aware training of the kept weights (straight-through estimator): `uniform`
+    symmetric levels (bits 1 is binary alpha x sign), per layer or per output channel, or a
+    per-layer `kmeans` codebook of 2^bits centres, one of them fixed at zero."""
+
+    scheme: Literal["uniform", "kmeans"] = "uniform"
+    bits: int = 8
+    per_channel: bool = False
+
+    @field_validator("bits", mode="before")
+    @classmethod
+    def _valid_bits(cls, bits):
+        try:
+            return check_bits(bits)
+        except CardkitError as err:
+            raise ValueError(str(err)) from None
+
+    @model_validator(mode="after")
+    def _per_channel_uniform(self):
+        if self.per_channel and self.scheme == "kmeans":
+            raise ValueError("a k-means codebook is per layer: set per_channel: false or scheme: uniform")
+        return self
+
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.scheme, self.bits, self.per_channel)
+
+
 class _MethodConfig(Section):
     sparsity: Number = Field(..., ge=0, lt=1)  # fraction of weights removed: 0.99 keeps 1%
     # layer: the same sparsity in every layer; global: one threshold over all layers;
     # structured: whole output channels (this fraction of them) removed and the model rebuilt smaller
     scope: Literal["layer", "global", "structured"] = "layer"
+    quantize: Optional[QuantizeConfig] = None  # quantize the kept weights while they train
+
+    @model_validator(mode="after")
+    def _quantize_where_supported(self):
+        if self.quantize is not None and (self.scope == "structured" or self.name == "biprop"):
+            why = "biprop's weights are binary already" if self.name == "biprop" else \
+                "a structurally pruned model is rebuilt dense"
+            raise ValueError(f"quantize does not apply here: {why}; remove quantize")
+        return self
 
     @field_validator("scope")
     @classmethod
@@ -42,7 +79,9 @@ class _MethodConfig(Section):
     @property
     def label(self) -> str:
         """A run-folder name for this method and sparsity, e.g. hydra-0.9."""
-        return f"{self.name}-{self.sparsity:g}" + ("" if self.scope == "layer" else f"-{self.scope}")
+        q = self.quantize
+        bits = "" if q is None else f"-{q.bits}bit" + ("-kmeans" if q.scheme == "kmeans" else "")
+        return f"{self.name}-{self.sparsity:g}" + ("" if self.scope == "layer" else f"-{self.scope}") + bits
 
 
 class MagnitudeConfig(_MethodConfig):
@@ -123,8 +162,13 @@ method_config = METHODS.config
 
 
 def prune_model(model: nn.Module, config: Section) -> PruneSetup:
-    """Apply a pruning method to a dense model in place."""
-    return METHODS.handler(config)(model, config)
+    """Apply a pruning method to a dense model in place (and its quantizer to the kept weights)."""
+    setup = METHODS.handler(config)(model, config)
+    quantize = getattr(config, "quantize", None)
+    if quantize is not None:
+        for layer in setup.group.layers:
+            layer.set_quantizer(quantize.spec())
+    return setup
 
 
 def freeze_all(model: nn.Module) -> None:
