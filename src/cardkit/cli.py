@@ -142,6 +142,24 @@ def _parser() -> argparse.ArgumentParser:
                          help="override a key of the stored config")
     fourier.set_defaults(handler=_fourier)
 
+    size = commands.add_parser("size", help="the accounted compressed size of a checkpoint, tensor by tensor",
+                               epilog=EPILOG)
+    size.add_argument("--checkpoint", required=True, metavar="DIR",
+                      help="a run folder, a variant folder (runs/NAME/hydra-0.9) or a checkpoint folder")
+    size.add_argument("--best", action="store_true", help="use the best checkpoint instead of the last")
+    size.add_argument("--json", action="store_true", help="print the size report as JSON")
+    size.set_defaults(handler=_size)
+
+    export = commands.add_parser("export", help="write a checkpoint as one compressed file", epilog=EPILOG)
+    export.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="a run folder, a variant folder (runs/NAME/hydra-0.9) or a checkpoint folder")
+    export.add_argument("--out", required=True, metavar="FILE", help="output file, e.g. model.card")
+    export.add_argument("--format", choices=["card", "onnx"], default="card",
+                        help="card: packed positions and codes, loaded by cardkit.load_artifact (default); "
+                             "onnx: a dense ONNX model (needs the onnx extra)")
+    export.add_argument("--best", action="store_true", help="use the best checkpoint instead of the last")
+    export.set_defaults(handler=_export)
+
     report = commands.add_parser("report", help="a results table of finished runs", epilog=EPILOG)
     report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, e.g. runs/quickstart")
     report.add_argument("--markdown", action="store_true", help="print a Markdown table")
@@ -306,6 +324,37 @@ def _fourier(args) -> int:
     return 0
 
 
+def _size(args) -> int:
+    import json
+
+    from cardkit.engine.export import size_checkpoint
+
+    path, report = size_checkpoint(args.checkpoint, "best" if args.best else "last")
+    if args.json:
+        print(json.dumps({"checkpoint": str(path), **report.to_dict()}, indent=2))
+        return 0
+    header = ["tensor", "weights", "kept", "scheme", "bits", "values (B)", "positions (B)", "tables (B)", "total (B)"]
+    rows = [[t.name, f"{t.weights:,}", f"{t.kept:,}", t.scheme, str(t.value_bits), f"{t.values / 8:,.0f}",
+             f"{t.positions / 8:,.0f} {t.position_format}", f"{t.tables / 8:,.0f}", f"{t.bits / 8:,.0f}"]
+            for t in report.tensors]
+    print(format_table(header, rows))
+    print(f"other parameters (float32): {report.other_bits / 8:,.0f} bytes")
+    print(f"total: {report.bytes:,} bytes; dense fp32: {report.dense_bits // 8:,} bytes; "
+          f"compression {report.compression_ratio:.1f}x ({path})")
+    return 0
+
+
+def _export(args) -> int:
+    from cardkit.engine.export import export_checkpoint
+
+    result = export_checkpoint(args.checkpoint, args.out, args.format, "best" if args.best else "last")
+    print(f"wrote {result['out']}: {result['bytes']:,} bytes ({result['format']}); accounted size "
+          f"{result['accounted_bytes']:,} bytes; dense fp32 {result['dense_bytes']:,} bytes "
+          f"({result['compression_ratio']:.1f}x); loaded back, outputs differ by at most "
+          f"{result['max_abs_difference']:.3g}")
+    return 0
+
+
 def _datasets(args) -> int:
     from cardkit.data import list_datasets
 
@@ -330,7 +379,8 @@ def _report(args) -> int:
 
 
 RESULT_HEADER = ["run", "data", "model", "variant", "sparsity", "split", "samples", "clean acc",
-                 "robust acc", "attack", "verified acc", "corruption acc", "kept params", "size (bytes)"]
+                 "robust acc", "attack", "verified acc", "corruption acc", "kept params", "size (bytes)",
+                 "compression"]
 
 
 def _result_row(run: str, dataset: str, variant: str, model: dict, ev: dict,
@@ -342,7 +392,8 @@ def _result_row(run: str, dataset: str, variant: str, model: dict, ev: dict,
             str(ev["samples"]), f"{ev['clean_accuracy']:.4f}", robust, attack,
             ", ".join(f"{v['method']} {v['verified_accuracy']:.4f}" for v in verified) or "-",
             _corruption_cell(corruption),
-            f"{model.get('kept_parameters', model['parameters']):,}", f"{model['size_bytes']:,}"]
+            f"{model.get('kept_parameters', model['parameters']):,}", f"{model['size_bytes']:,}",
+            f"{model['compression_ratio']:.1f}x" if "compression_ratio" in model else "-"]
 
 
 def _corruption_cell(summary: dict | None) -> str:

@@ -64,14 +64,15 @@ def encode_tensor(stored: StoredTensor) -> EncodedTensor:
                              int(kept.sum()), positions, values, np.zeros(0, np.float32))
     codes = q.codes.detach().reshape(-1).cpu()[kept].numpy()
     codebook = q.codebook.detach().cpu().float().reshape(-1, q.codebook.shape[-1])
-    if stored.scheme == "uniform":
+    scheme = "binary" if q.bits == 1 and stored.scheme == "uniform" else stored.scheme  # 1-bit uniform
+    if scheme == "uniform":
         table = codebook[:, codebook.shape[1] // 2 + 1]  # level 1 x scale = scale, exactly
         bits = q.bits
-    elif stored.scheme == "binary":
+    elif scheme == "binary":
         table, bits = codebook[:, 1], 1
     else:
         table, bits = codebook[0], q.bits
-    encoded = EncodedTensor(stored.name, tuple(stored.values.shape), stored.scheme, bits, codebook.shape[0],
+    encoded = EncodedTensor(stored.name, tuple(stored.values.shape), scheme, bits, codebook.shape[0],
                             len(codes), positions, pack_uint(codes, bits), table.numpy().copy())
     _check_exact(encoded, stored)
     return encoded
@@ -80,6 +81,9 @@ def encode_tensor(stored: StoredTensor) -> EncodedTensor:
 def decode_tensor(encoded: EncodedTensor) -> torch.Tensor:
     """The dense float32 tensor, exactly as encoded."""
     kept = torch.from_numpy(decode_positions(encoded.positions))
+    if kept.numel() != encoded.weights or int(kept.sum()) != encoded.kept:
+        raise ValueError(f"the positions hold {int(kept.sum())} kept of {kept.numel()} weights, "
+                         f"{encoded.kept} of {encoded.weights} expected")
     out = torch.zeros(encoded.weights, dtype=torch.float32)
     out[kept] = _kept_values(encoded, kept)
     return out.view(encoded.shape)
