@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_corruptions.py
 	$(BIN)/python benchmarks/bench_augmix.py
 	$(BIN)/python benchmarks/bench_deck.py
+	$(BIN)/python benchmarks/bench_artifact.py
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)

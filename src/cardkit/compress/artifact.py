@@ -1,14 +1,15 @@
 """The compressed model file (`.card`): one safetensors file whose bytes are the accounted size.
 
-Tensors, per stored weight tensor NAME (see `encode.py`):
-    NAME:positions   uint8    the bitmap or gap-coded indices of the kept weights (absent if dense)
-    NAME:values      uint8    codes packed at `bits` bits each (binary: signs, 8 per byte), or
-                     float32  the kept values of an unquantized tensor
-    NAME:table       float32  scales, alphas or the k-means codebook (absent if none)
-and every other parameter or buffer (biases, normalization) under its own name, as float32.
+Tensors: one uint8 tensor per stored weight tensor (see `encode.py`), named like it, holding
+    positions   the bitmap or gap-coded indices of the kept weights (nothing if dense),
+    values      codes packed at `bits` bits each (binary: signs, 8 per byte), or the kept values
+                of an unquantized tensor as little-endian float32,
+    table       scales, alphas or the k-means codebook, little-endian float32 (nothing if none),
+one after the other; and one float32 tensor `other` with every other parameter and buffer
+(biases, normalization), flattened and concatenated in the order the header lists them.
 The JSON header (safetensors metadata key "cardkit") holds the format version, the architecture,
-what each tensor encodes, and the sha256 of all tensor bytes. Loading parses only JSON and raw
-arrays: nothing is ever unpickled.
+what each tensor encodes (from which every length follows), and the sha256 of all tensor bytes.
+Loading parses only JSON and raw arrays: nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from cardkit.errors import CardkitError
 
 FORMAT = "cardkit-artifact"
 VERSION = 1
-SUFFIX = ".card"
+OTHER = "other"
 
 
 def save_artifact(model: nn.Module, path: str | Path) -> int:
@@ -44,12 +45,14 @@ def save_artifact(model: nn.Module, path: str | Path) -> int:
         entries.append({"name": e.name, "shape": list(e.shape), "scheme": e.scheme, "bits": e.value_bits,
                         "rows": e.rows, "kept": e.kept,
                         "positions": [e.positions.format, e.positions.width, e.positions.entries]})
-        parts = {"positions": e.positions.data, "values": e.values, "table": e.table}
-        arrays.update({f"{e.name}:{part}": np.ascontiguousarray(a) for part, a in parts.items() if a.size})
-    for name, tensor in other.items():
-        arrays[name] = tensor.detach().cpu().float().contiguous().numpy()
+        parts = [e.positions.data, e.values.astype("<f4") if e.scheme == "float" else e.values,
+                 e.table.astype("<f4")]
+        arrays[e.name] = np.concatenate([np.ascontiguousarray(a).view(np.uint8) for a in parts])
+    names = sorted(other)
+    arrays[OTHER] = np.concatenate([np.zeros(0, np.float32)] + [
+        other[n].detach().cpu().float().reshape(-1).numpy() for n in names])
     header = {"format": FORMAT, "version": VERSION, "arch": model.arch, "tensors": entries,
-              "other": sorted(other), "sha256": _digest(arrays)}
+              "other": [[n, list(other[n].shape)] for n in names], "sha256": _digest(arrays)}
     data = save_arrays(arrays, metadata={"cardkit": json.dumps(header, separators=(",", ":"))})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,7 +74,7 @@ def load_artifact(path: str | Path) -> nn.Module:
         except ValueError as err:
             raise CardkitError(f"artifact '{path}': the header and the tensors of {entry['name']} disagree "
                                f"({err}); the file is corrupt or was edited") from None
-    state = {name: torch.from_numpy(arrays[name].copy()) for name in header["other"] if _present(arrays, name, path)}
+    state = _other_tensors(header["other"], arrays.get(OTHER), path)
     from cardkit.prune.masked import prunable_layers
 
     for name, module in prunable_layers(model):
@@ -150,31 +153,42 @@ def _build(arch: dict, path: Path) -> nn.Module:
 
 
 def _encoded(entry: dict, arrays: dict[str, np.ndarray], path: Path) -> EncodedTensor:
-    """An EncodedTensor from a header entry, its arrays checked against what the entry says."""
-    name = entry["name"]
+    """An EncodedTensor from a header entry, its bytes split at the lengths the entry implies."""
+    name = entry.get("name")
     try:
         form, width, count = entry["positions"]
         shape, bits, kept, rows = tuple(entry["shape"]), int(entry["bits"]), int(entry["kept"]), int(entry["rows"])
+        scheme, blob = entry["scheme"], arrays[name]
         n = int(np.prod(shape))
-        positions = Positions(form, n, arrays.get(f"{name}:positions", np.zeros(0, np.uint8)), width, count)
-        empty = np.zeros(0, np.float32)
-        values, table = arrays.get(f"{name}:values", empty), arrays.get(f"{name}:table", empty)
     except (KeyError, TypeError, ValueError) as err:
-        raise CardkitError(f"artifact '{path}': the header entry of {name} is malformed ({err})") from None
-    expected_values = kept * 4 if entry["scheme"] == "float" else -(-kept * bits // 8)
-    expected_table = {"float": 0, "kmeans": 2 ** bits}.get(entry["scheme"], rows)
-    if values.nbytes != expected_values or table.size != expected_table or positions.bits > 8 * positions.data.size:
-        raise CardkitError(f"artifact '{path}': the header and the tensors of {name} disagree ({kept} kept "
-                           f"values of {bits} bits, {values.nbytes} bytes stored); the file is corrupt or was edited")
-    encoded = EncodedTensor(name, shape, entry["scheme"], bits, rows, kept, positions, values, table)
+        raise CardkitError(f"artifact '{path}': the header entry of {name} has no matching tensor or is "
+                           f"malformed ({err}); the file is corrupt or was edited") from None
+    position_bits = {"dense": 0, "bitmap": n}.get(form, count * width)
+    lengths = [-(-position_bits // 8), 4 * kept if scheme == "float" else -(-kept * bits // 8),
+               4 * {"float": 0, "kmeans": 2 ** bits}.get(scheme, rows)]
+    if blob.dtype != np.uint8 or blob.size != sum(lengths):
+        raise CardkitError(f"artifact '{path}': the header and the tensor of {name} disagree ({kept} kept "
+                           f"values of {bits} bits need {sum(lengths)} bytes, {blob.nbytes} are stored); the "
+                           f"file is corrupt or was edited")
+    positions, values, table = np.split(blob, np.cumsum(lengths)[:2])
+    if scheme == "float":
+        values = values.view("<f4").astype(np.float32)
+    encoded = EncodedTensor(name, shape, scheme, bits, rows, kept, Positions(form, n, positions, width, count),
+                            values, table.view("<f4").astype(np.float32))
     return encoded
 
 
-def _present(arrays: dict, name: str, path: Path) -> bool:
-    if name not in arrays:
-        raise CardkitError(f"artifact '{path}': the header lists {name} but the file has no such tensor "
-                           f"(corrupt or edited)")
-    return True
+def _other_tensors(listed: list, flat: np.ndarray | None, path: Path) -> dict[str, torch.Tensor]:
+    """The biases and normalization tensors, cut from the `other` tensor at the listed shapes."""
+    try:
+        sizes = [int(np.prod(shape)) for _, shape in listed]
+        if flat is None or flat.dtype != np.float32 or flat.size != sum(sizes):
+            raise ValueError(f"{sum(sizes)} values listed, {0 if flat is None else flat.size} stored")
+    except (TypeError, ValueError) as err:
+        raise CardkitError(f"artifact '{path}': the header and the tensor '{OTHER}' disagree ({err}); the "
+                           f"file is corrupt or was edited") from None
+    parts = np.split(flat, np.cumsum(sizes)[:-1]) if sizes else []
+    return {name: torch.from_numpy(part.copy()).view(shape) for (name, shape), part in zip(listed, parts)}
 
 
 def _layer_weight(name: str, module: nn.Module, weights: dict[str, torch.Tensor], path: Path) -> torch.Tensor:
