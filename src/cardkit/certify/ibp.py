@@ -18,7 +18,6 @@ from torch import nn
 from cardkit.errors import CardkitError
 from cardkit.models import Normalize
 from cardkit.models.resnet import BasicBlock, PreActBlock
-from cardkit.prune.masked import MaskedLayer
 
 _ELEMENTWISE_MONOTONE = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten,
                          nn.Identity, nn.Dropout)
@@ -96,7 +95,8 @@ def _layers(model: nn.Module):
 
 
 def _weight(layer: nn.Module) -> torch.Tensor:
-    return layer.effective_weight() if isinstance(layer, MaskedLayer) else layer.weight
+    # Masked, binary and factorized (ATMC) layers compute their weight.
+    return layer.effective_weight() if hasattr(layer, "effective_weight") else layer.weight
 
 
 def _chain(name: str, layers, b: Bounds) -> Bounds:

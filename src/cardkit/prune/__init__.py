@@ -8,6 +8,7 @@ from cardkit.prune.methods import (METHOD_CONFIGS, BipropConfig, EdgePopupConfig
                                    method_config, method_names, prune_model, register_method,
                                    restore_masks, to_structured)
 from cardkit.prune.report import sparsity_report
+from cardkit.prune.atmc import AtmcConfig  # noqa: F401  (registers the atmc method)
 
 __all__ = ["MaskedConv2d", "MaskedLayer", "MaskedLinear", "MaskGroup", "add_masks", "kept_count",
            "masked_layers", "prunable_layers", "METHOD_CONFIGS", "BipropConfig", "EdgePopupConfig", "GMPConfig", "LotteryConfig", "prune_round",
