@@ -151,3 +151,17 @@ def test_a_safetensors_file_without_a_cardkit_header_is_refused(tmp_path):
     path.write_bytes(save_arrays({"w": np.zeros(3, np.float32)}))
     with pytest.raises(CardkitError, match="not a cardkit artifact"):
         cardkit.load_artifact(path)
+
+
+def test_onnx_export_runs_in_onnxruntime_with_the_same_outputs(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from cardkit.compress.onnx import onnx_outputs, save_onnx
+
+    model = compressed("hydra", {"sparsity": 0.9, "quantize": {"bits": 4, "scheme": "kmeans"}})
+    save_artifact(model, tmp_path / "m.card")
+    loaded = cardkit.load_artifact(tmp_path / "m.card")
+    save_onnx(loaded, torch.rand(2, 3, 16, 16), tmp_path / "m.onnx")
+    x = torch.rand(5, 3, 16, 16)  # another batch size: the batch axis is dynamic
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert np.abs(onnx_outputs(tmp_path / "m.onnx", x) - expected).max() < 1e-5
