@@ -26,6 +26,8 @@ METHODS = [
     ("hydra", {"sparsity": 0.95, "scope": "global", "quantize": {"bits": 8}}),
     ("biprop", {"sparsity": 0.9}),
     ("edge_popup", {"sparsity": 0.7}),
+    ("atmc", {"sparsity": 0.9, "bits": 4}),
+    ("atmc", {"size_ratio": 0.05, "bits": 2, "rank": 0.5}),
 ]
 
 
@@ -33,7 +35,10 @@ def compressed(method: str, settings: dict, size: int = 16) -> torch.nn.Module:
     torch.manual_seed(0)
     model = create_model("cnn_small", 10, 3, size)
     if method != "dense":
-        model = prune_model(model, method_config(method, **settings)).model
+        setup = prune_model(model, method_config(method, **settings))
+        model = setup.model
+        if method == "atmc":
+            setup.after_step(1, 1)  # the stage's last step: final projection and quantization
     return model.eval()
 
 

@@ -17,6 +17,7 @@ VARIANTS = {
     "magnitude-0.95-8bit": "{name: magnitude, sparsity: 0.95, quantize: {bits: 8}}",
     "hydra-0.9-4bit-kmeans": "{name: hydra, sparsity: 0.9, quantize: {bits: 4, scheme: kmeans}}",
     "biprop-0.9": "{name: biprop, sparsity: 0.9}",
+    "atmc-0.95-4bit": "{name: atmc, sparsity: 0.95, bits: 4, prune_interval: 4, quant_interval: 3}",
 }
 
 
@@ -66,7 +67,13 @@ def test_exported_file_reproduces_the_evaluated_model(compressed_run, variant):
         correct += int((logits.argmax(1) == y).sum())
         n += len(y)
     assert correct / n == pytest.approx(metrics["robustness"]["clean_accuracy"], abs=1e-9)
-    bits = {"magnitude-0.95-8bit": 8, "hydra-0.9-4bit-kmeans": 4, "biprop-0.9": 1}[variant]
+    bits = {"magnitude-0.95-8bit": 8, "hydra-0.9-4bit-kmeans": 4, "biprop-0.9": 1, "atmc-0.95-4bit": 4}[variant]
+    for entry in json.loads(run_cli("size", "--checkpoint", folder, "--json").stdout)["tensors"]:
+        assert entry["value_bits"] == bits  # every stored tensor is quantized
+    if variant.startswith("atmc"):  # U, V and C hold the l0 budget together
+        assert sum(layer["kept"] for layer in metrics["layers"]) <= round(0.05 * sum(
+            layer["weights"] for layer in metrics["layers"]))
+        return
     for name in ("conv1", "conv2", "fc1", "fc2"):
         assert getattr(loaded, name).weight.unique().numel() <= 2 ** bits + (bits == 1)  # +-alpha and 0
 
