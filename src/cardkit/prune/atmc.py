@@ -118,6 +118,9 @@ class AtmcLayer:
     def bits(self) -> int:
         return self.codebook_u.numel().bit_length() - 1
 
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.u.shape[1]}, bits={self.bits}"
+
     def effective_weight(self) -> torch.Tensor:
         """U V + C from the masked (or quantized) factors. The product is computed once per change
         of the layer's state (i.e. once per optimizer step) and reused by every forward of a PGD
