@@ -317,26 +317,31 @@ class AtmcGroup:
         self.frozen = True
 
     def size_budget(self, dense_bits: int) -> None:
-        """Turn size_ratio into a budget k: the largest k whose hard-quantized model fits, found by
-        interpolating the accounted size between trial projections of the current factors."""
-        self.target_bits = self.config.size_ratio * dense_bits
+        """Turn size_ratio into a budget k: about the largest k whose hard-quantized model fits
+        (within 0.1% of the target size), by secant steps on the accounted size of trial
+        projections of the current factors. The last step checks the trained model again."""
+        target = self.target_bits = self.config.size_ratio * dense_bits
         self.fixed_bits = self._trial_bits(0)
-        if self.fixed_bits > self.target_bits:
+        if self.fixed_bits > target:
             smallest = math.ceil(self.fixed_bits / dense_bits * 1e4) / 1e4
             raise CardkitError(
                 f"atmc: size_ratio {self.config.size_ratio:g} is out of reach: with no weight kept, "
                 f"biases, normalization and the {self.config.bits}-bit codebooks alone take "
                 f"{self.fixed_bits} of {dense_bits} dense bits, a ratio of {smallest:g}; set size_ratio "
                 f"to at least {smallest:g} or use fewer bits")
-        low, high = (0, self.fixed_bits), (self.dense_count, self._trial_bits(self.dense_count))
+        points = [(0, self.fixed_bits), (self.dense_count, self._trial_bits(self.dense_count))]
+        low, high = points  # the size fits at low[0] entries, and not at high[0]
+        if high[1] <= target:
+            low = high
         for _ in range(8):
-            if high[1] <= self.target_bits or high[0] - low[0] <= 1:
+            if low is high or high[0] - low[0] <= 1 or target - low[1] <= 1e-3 * target:
                 break
-            k = low[0] + int((self.target_bits - low[1]) / (high[1] - low[1]) * (high[0] - low[0]))
+            (k0, b0), (k1, b1) = points[-2:]
+            k = k1 + int((target - b1) * (k1 - k0) / (b1 - b0)) if b1 != b0 else (low[0] + high[0]) // 2
             k = min(max(k, low[0] + 1), high[0] - 1)
-            bits = self._trial_bits(k)
-            low, high = ((k, bits), high) if bits <= self.target_bits else (low, (k, bits))
-        self.budget = high[0] if high[1] <= self.target_bits else low[0]
+            points.append((k, self._trial_bits(k)))
+            low, high = (points[-1], high) if points[-1][1] <= target else (low, points[-1])
+        self.budget = low[0]
 
     def _trial_bits(self, k: int) -> int:
         """The accounted size with budget k after a cheap hard quantization; the state is restored."""
