@@ -85,6 +85,14 @@ def test_cli_trains_evaluates_and_resumes_after_sigkill_on_mnist(tmp_path, share
     (["run", "{notyaml}"], "not valid YAML"),
     (["evaluate", "--checkpoint", "{empty}"], "no checkpoint"),
     (["run", "{config}", "--set", "device=tpu"], "device"),
+    (["prune", "--checkpoint", "{empty}", "--method", "hydra", "--sparsity", "0.9", "--bits", "9"],
+     "bits must be an integer from 1 to 8"),
+    (["prune", "--checkpoint", "{empty}", "--method", "atmc", "--sparsity", "0.9", "--bits", "0"],
+     "bits must be an integer from 1 to 8"),
+    (["run", "{config}", "--set", "prune.methods=[{{name: magnitude, sparsity: 0.9, quantize: {{bits: 12}}}}]"],
+     "bits must be an integer from 1 to 8"),
+    (["export", "--checkpoint", "{empty}", "--out", "{empty}/m.card"], "no checkpoint"),
+    (["size", "--checkpoint", "{empty}"], "no checkpoint"),
 ] + ([] if torch.cuda.is_available() else [
     (["run", "{config}", "--set", "device=cuda"], "CUDA is not available"),
 ]))

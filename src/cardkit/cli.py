@@ -74,9 +74,14 @@ def _parser() -> argparse.ArgumentParser:
                        help="a run folder (runs/NAME) or its pretrain checkpoint")
     prune.add_argument("--method", required=True, help="pruning method, e.g. magnitude or hydra")
     prune.add_argument("--sparsity", required=True, help="fraction of weights removed, e.g. 0.99")
-    prune.add_argument("--scope", choices=["layer", "global", "structured"], default="layer",
-                       help="same sparsity in every layer, one global threshold, or whole channels "
-                            "removed and the model rebuilt smaller")
+    prune.add_argument("--scope", choices=["layer", "global", "structured"],
+                       help="same sparsity in every layer (default), one global threshold, or whole "
+                            "channels removed and the model rebuilt smaller")
+    prune.add_argument("--bits", type=int, help="quantize the kept weights to this many bits (1-8); "
+                                                "for atmc: its codebook bits")
+    prune.add_argument("--quantizer", choices=["uniform", "kmeans"], default="uniform",
+                       help="with --bits: symmetric uniform levels or a k-means codebook")
+    prune.add_argument("--per-channel", action="store_true", help="with --bits: one uniform scale per output channel")
     prune.add_argument("--no-finetune", action="store_true", help="skip fine-tuning under the mask")
     prune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a key of the stored config, e.g. prune.epochs=20")
@@ -248,14 +253,23 @@ def _prune(args) -> int:
     from cardkit.numbers import parse_number
     from cardkit.prune import method_config
 
+    settings = {"sparsity": parse_number(args.sparsity)}
+    if args.scope:
+        settings["scope"] = args.scope
+    if args.bits is not None:
+        settings.update({"bits": args.bits} if args.method == "atmc" else {"quantize": {
+            "scheme": args.quantizer, "bits": args.bits, "per_channel": args.per_channel}})
     try:
-        method = method_config(args.method, sparsity=parse_number(args.sparsity), scope=args.scope)
+        method = method_config(args.method, **settings)
     except ValueError as err:  # pydantic's ValidationError is a ValueError
         problem = err.errors()[0] if hasattr(err, "errors") else {"msg": str(err)}
-        key = problem.get("loc", ["sparsity"])[0]
+        loc = [str(part) for part in problem.get("loc", ["sparsity"])]
+        message = problem["msg"].removeprefix("Value error, ")
+        if not loc:  # a rule between options
+            raise CardkitError(f"--method {args.method}: {message}") from None
+        key = "bits" if "bits" in loc else loc[0]
         hint = " (sparsity is the fraction of weights removed, in [0, 1))" if key == "sparsity" else ""
-        raise CardkitError(f"--{key} given {problem.get('input')!r}: "
-                           f"{problem['msg'].removeprefix('Value error, ')}{hint}") from None
+        raise CardkitError(f"--{key} given {problem.get('input')!r}: {message}{hint}") from None
     result = prune_checkpoint(args.checkpoint, method, args.overrides, finetune=not args.no_finetune,
                               progress=not args.no_progress)
     _print_result(result)
