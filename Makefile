@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_augmix.py
 	$(BIN)/python benchmarks/bench_deck.py
 	$(BIN)/python benchmarks/bench_artifact.py
+	$(BIN)/python benchmarks/bench_atmc.py
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)

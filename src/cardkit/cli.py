@@ -73,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--checkpoint", required=True, metavar="DIR",
                        help="a run folder (runs/NAME) or its pretrain checkpoint")
     prune.add_argument("--method", required=True, help="pruning method, e.g. magnitude or hydra")
-    prune.add_argument("--sparsity", required=True, help="fraction of weights removed, e.g. 0.99")
+    prune.add_argument("--sparsity", help="fraction of weights removed, e.g. 0.99")
+    prune.add_argument("--size-ratio", help="atmc: compressed / dense fp32 size, e.g. 0.01 (instead of --sparsity)")
     prune.add_argument("--scope", choices=["layer", "global", "structured"],
                        help="same sparsity in every layer (default), one global threshold, or whole "
                             "channels removed and the model rebuilt smaller")
@@ -253,7 +254,13 @@ def _prune(args) -> int:
     from cardkit.numbers import parse_number
     from cardkit.prune import method_config
 
-    settings = {"sparsity": parse_number(args.sparsity)}
+    if args.size_ratio is not None and args.method != "atmc":
+        raise CardkitError(f"--size-ratio is a budget of atmc; for {args.method} give --sparsity (and --bits)")
+    if (args.sparsity is None) == (args.size_ratio is None):
+        raise CardkitError("give --sparsity (the fraction of weights removed, e.g. 0.99), or for atmc "
+                           "either --sparsity or --size-ratio")
+    settings = {"sparsity": parse_number(args.sparsity)} if args.sparsity is not None else {
+        "size_ratio": parse_number(args.size_ratio)}
     if args.scope:
         settings["scope"] = args.scope
     if args.bits is not None:
@@ -267,7 +274,7 @@ def _prune(args) -> int:
         message = problem["msg"].removeprefix("Value error, ")
         if not loc:  # a rule between options
             raise CardkitError(f"--method {args.method}: {message}") from None
-        key = "bits" if "bits" in loc else loc[0]
+        key = "bits" if "bits" in loc else loc[0].replace("_", "-")
         hint = " (sparsity is the fraction of weights removed, in [0, 1))" if key == "sparsity" else ""
         raise CardkitError(f"--{key} given {problem.get('input')!r}: {message}{hint}") from None
     result = prune_checkpoint(args.checkpoint, method, args.overrides, finetune=not args.no_finetune,
