@@ -97,6 +97,28 @@ def test_changed_prune_settings_are_refused_for_an_existing_variant(pruned_run):
         run_pipeline(changed)
 
 
+def test_folders_written_before_a_key_existed_resume_at_its_default(pruned_run):
+    """A config key added to cardkit later (here pgd_at's clean_weight and a method's quantize)
+    compares at its default, so upgrading cardkit does not orphan existing run folders."""
+    import yaml
+
+    config, _ = pruned_run
+    saved = config.run_dir / "config.yaml"
+    variant = config.run_dir / "hydra-0.8" / "variant.yaml"
+    originals = saved.read_text(), variant.read_text()
+    try:
+        old = yaml.safe_load(originals[0])
+        del old["prune"]["objective"]["clean_weight"], old["prune"]["methods"][1]["quantize"]
+        saved.write_text(yaml.safe_dump(old))
+        old_variant = yaml.safe_load(originals[1])
+        del old_variant["method"]["quantize"], old_variant["prune"]["objective"]["clean_weight"]
+        variant.write_text(yaml.safe_dump(old_variant))
+        run_pipeline(config)  # everything is complete: resumes, checks, re-evaluates
+    finally:
+        saved.write_text(originals[0])
+        variant.write_text(originals[1])
+
+
 def test_hydra_beats_lwm_at_99_percent_on_mnist(tmp_path, shared_data):
     """HYDRA's headline claim, at CPU scale: with the same fine-tuning budget, masks chosen by
     scores trained under the PGD loss keep more PGD accuracy than least-weight-magnitude ones."""

@@ -29,7 +29,8 @@ import yaml
 from torch import nn
 
 from cardkit.attacks import Threat
-from cardkit.config import STAGES, TRAIN_STAGES, RunConfig, dump_config, validate_config
+from cardkit.config import (STAGES, TRAIN_STAGES, PruneStageConfig, RunConfig, TrainStageConfig, dump_config,
+                            validate_config)
 from cardkit.compress import SizeReport, model_size
 from cardkit.config_base import Section
 from cardkit.data import ArrayDataset, Augmentation, BatchLoader, DatasetSplits, load_dataset
@@ -550,7 +551,8 @@ def _check_run_dir(run_dir: Path, config: RunConfig, restart: bool) -> None:
     """Refuse to resume a run folder whose training-relevant config differs."""
     if restart and run_dir.exists():
         shutil.rmtree(run_dir)
-    _check_same(run_dir / "config.yaml", config.model_dump(mode="json"), RESUME_SAFE_KEYS, run_dir)
+    _check_same(run_dir / "config.yaml", config.model_dump(mode="json"), RESUME_SAFE_KEYS, run_dir,
+                upgrade=lambda saved: validate_config(saved).model_dump(mode="json"))
 
 
 def _check_variant(folder: Path, config: RunConfig, method: Section) -> None:
@@ -560,16 +562,35 @@ def _check_variant(folder: Path, config: RunConfig, method: Section) -> None:
                 "finetune": config.finetune.model_dump(mode="json")}
     if "finetune" not in config.pipeline:
         settings.pop("finetune")
-    _check_same(folder / "variant.yaml", settings, (), folder, ignore_missing=("finetune",))
+    _check_same(folder / "variant.yaml", settings, (), folder, ignore_missing=("finetune",),
+                upgrade=_upgrade_variant)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "variant.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
 
 
+def _upgrade_variant(saved: dict) -> dict:
+    """A saved variant.yaml with the defaults of keys added since it was written."""
+    upgraded = dict(saved)
+    if "method" in saved:
+        upgraded["method"] = method_config(**saved["method"]).model_dump(mode="json")
+    for stage, section in (("prune", PruneStageConfig), ("finetune", TrainStageConfig)):
+        if stage in saved:
+            upgraded[stage] = section.model_validate(saved[stage]).model_dump(mode="json", exclude={"methods"})
+    return upgraded
+
+
 def _check_same(saved: Path, current: dict, safe: tuple[str, ...], folder: Path,
-                ignore_missing: tuple[str, ...] = ()) -> None:
+                ignore_missing: tuple[str, ...] = (), upgrade: Callable[[dict], dict] | None = None) -> None:
+    """Refuse a changed config. The saved one is first re-validated (`upgrade`), so keys added
+    to cardkit since it was written compare at their defaults."""
     if not saved.is_file():
         return
     previous = yaml.safe_load(saved.read_text()) or {}
+    if upgrade is not None:
+        try:
+            previous = upgrade(previous)
+        except (CardkitError, ValueError):
+            pass  # a saved config this version no longer accepts: compare it as written
     for key in ignore_missing:
         if key not in current or key not in previous:
             previous.pop(key, None)
