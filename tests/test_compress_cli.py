@@ -69,7 +69,7 @@ def test_exported_file_reproduces_the_evaluated_model(compressed_run, variant):
     assert correct / n == pytest.approx(metrics["robustness"]["clean_accuracy"], abs=1e-9)
     bits = {"magnitude-0.95-8bit": 8, "hydra-0.9-4bit-kmeans": 4, "biprop-0.9": 1, "atmc-0.95-4bit": 4}[variant]
     for entry in json.loads(run_cli("size", "--checkpoint", folder, "--json").stdout)["tensors"]:
-        assert entry["value_bits"] == bits  # every stored tensor is quantized
+        assert 1 <= entry["value_bits"] <= bits  # every stored tensor is quantized
     if variant.startswith("atmc"):  # U, V and C hold the l0 budget together
         assert sum(layer["kept"] for layer in metrics["layers"]) <= round(0.05 * sum(
             layer["weights"] for layer in metrics["layers"]))
@@ -86,7 +86,8 @@ def test_size_command_prints_every_tensor_and_the_ratio(compressed_run):
     report = json.loads(run_cli("size", "--checkpoint", folder, "--json").stdout)
     metrics = json.loads((folder / "evaluate" / "metrics.json").read_text())
     assert report["bytes"] == metrics["size"]["bytes"]
-    assert all(t["value_bits"] == 4 and t["tables_bytes"] == 16 * 4 for t in report["tensors"])
+    # k-means: the centres in use (at most 16) and codes just wide enough to index them
+    assert all(t["value_bits"] <= 4 and t["tables_bytes"] <= 16 * 4 for t in report["tensors"])
 
 
 def test_export_errors_are_one_line(compressed_run, tmp_path):

@@ -46,7 +46,9 @@ def test_quantized_layers_count_their_bits_and_tables():
     model = create_model("cnn_small", 10, 1, 28)
     kmeans = method_config("magnitude", sparsity=0.5, quantize={"bits": 3, "scheme": "kmeans"})
     tensors = model_size(prune_model(model, kmeans).model).tensors
-    assert all(t.scheme == "kmeans" and t.values == 3 * t.kept and t.tables == 32 * 8 for t in tensors)
+    for t in tensors:  # the centres in use, and codes just wide enough for them
+        assert t.scheme == "kmeans" and t.tables <= 32 * 8 and t.values == t.value_bits * t.kept
+        assert 2 ** (t.value_bits - 1) < t.tables // 32 <= 2 ** t.value_bits
 
 
 def test_unpruned_zero_weights_count_as_removed():

@@ -43,7 +43,7 @@ def save_artifact(model: nn.Module, path: str | Path) -> int:
     entries = []
     for e in encoded:
         entries.append({"name": e.name, "shape": list(e.shape), "scheme": e.scheme, "bits": e.value_bits,
-                        "rows": e.rows, "kept": e.kept,
+                        "rows": e.rows, "kept": e.kept, "table": e.table.size,
                         "positions": [e.positions.format, e.positions.width, e.positions.entries]})
         parts = [e.positions.data, e.values.astype("<f4") if e.scheme == "float" else e.values,
                  e.table.astype("<f4")]
@@ -158,15 +158,15 @@ def _encoded(entry: dict, arrays: dict[str, np.ndarray], path: Path) -> EncodedT
     try:
         form, width, count = entry["positions"]
         shape, bits, kept, rows = tuple(entry["shape"]), int(entry["bits"]), int(entry["kept"]), int(entry["rows"])
-        scheme, blob = entry["scheme"], arrays[name]
+        scheme, blob, table_size = entry["scheme"], arrays[name], int(entry["table"])
         n = int(np.prod(shape))
     except (KeyError, TypeError, ValueError) as err:
         raise CardkitError(f"artifact '{path}': the header entry of {name} has no matching tensor or is "
                            f"malformed ({err}); the file is corrupt or was edited") from None
     position_bits = {"dense": 0, "bitmap": n}.get(form, count * width)
-    lengths = [-(-position_bits // 8), 4 * kept if scheme == "float" else -(-kept * bits // 8),
-               4 * {"float": 0, "kmeans": 2 ** bits}.get(scheme, rows)]
-    if blob.dtype != np.uint8 or blob.size != sum(lengths):
+    lengths = [-(-position_bits // 8), 4 * kept if scheme == "float" else -(-kept * bits // 8), 4 * table_size]
+    expected_table = {"float": 0, "kmeans": table_size if 0 < table_size <= 2 ** bits or not kept else -1}
+    if blob.dtype != np.uint8 or blob.size != sum(lengths) or table_size != expected_table.get(scheme, rows):
         raise CardkitError(f"artifact '{path}': the header and the tensor of {name} disagree ({kept} kept "
                            f"values of {bits} bits need {sum(lengths)} bytes, {blob.nbytes} are stored); the "
                            f"file is corrupt or was edited")

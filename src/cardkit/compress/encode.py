@@ -4,7 +4,7 @@
 - uniform: codes of `bits` bits and one scale per row (layer or output channel), the codebook
   rebuilt by `uniform_codebook`;
 - binary: one sign bit per kept value and one alpha per row;
-- kmeans: codes of `bits` bits and the 2^b-entry codebook.
+- kmeans: the codebook's centres in use (at most 2^b) and codes of just enough bits to index them.
 
 The size report counts exactly these streams, and the compressed file writes them, so the two
 cannot drift apart. Decoding is exact: it returns the float32 values the model computed with.
@@ -70,8 +70,10 @@ def encode_tensor(stored: StoredTensor) -> EncodedTensor:
         bits = q.bits
     elif scheme == "binary":
         table, bits = codebook[:, 1], 1
-    else:
-        table, bits = codebook[0], q.bits
+    else:  # k-means: only the centres in use are stored, the codes renumbered to them
+        used = np.unique(codes)
+        table, codes = codebook[0][used], np.searchsorted(used, codes)
+        bits = max(1, (len(used) - 1).bit_length())
     encoded = EncodedTensor(stored.name, tuple(stored.values.shape), scheme, bits, codebook.shape[0],
                             len(codes), positions, pack_uint(codes, bits), table.numpy().copy())
     _check_exact(encoded, stored)

@@ -325,10 +325,9 @@ class AtmcGroup:
         if self.fixed_bits > target:
             smallest = math.ceil(self.fixed_bits / dense_bits * 1e4) / 1e4
             raise CardkitError(
-                f"atmc: size_ratio {self.config.size_ratio:g} is out of reach: with no weight kept, "
-                f"biases, normalization and the {self.config.bits}-bit codebooks alone take "
-                f"{self.fixed_bits} of {dense_bits} dense bits, a ratio of {smallest:g}; set size_ratio "
-                f"to at least {smallest:g} or use fewer bits")
+                f"atmc: size_ratio {self.config.size_ratio:g} is out of reach: with no weight kept, the "
+                f"parameters that stay float32 (biases, normalization) alone take {self.fixed_bits} of "
+                f"{dense_bits} dense bits, a ratio of {smallest:g}; set size_ratio to at least {smallest:g}")
         points = [(0, self.fixed_bits), (self.dense_count, self._trial_bits(self.dense_count))]
         low, high = points  # the size fits at low[0] entries, and not at high[0]
         if high[1] <= target:
