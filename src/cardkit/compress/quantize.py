@@ -20,7 +20,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from numbers import Integral
-from typing import Literal
+from typing import Annotated, Literal
+
+from pydantic import BeforeValidator
 
 import torch
 
@@ -59,6 +61,17 @@ def check_bits(bits) -> int:
     if isinstance(bits, bool) or not isinstance(bits, Integral) or not 1 <= bits <= MAX_BITS:
         raise CardkitError(f"quantization bits must be an integer from 1 to {MAX_BITS}, got {bits!r}")
     return int(bits)
+
+
+def _config_bits(bits) -> int:
+    try:
+        return check_bits(bits)
+    except CardkitError as err:  # pydantic reports ValueErrors with the key's location
+        raise ValueError(str(err)) from None
+
+
+Bits = Annotated[int, BeforeValidator(_config_bits)]
+"""A config field of quantization bits (1 to 8) with check_bits' error message."""
 
 
 def quantize_uniform(weight: torch.Tensor, mask: torch.Tensor | None = None, *, bits: int,

@@ -29,10 +29,10 @@ from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, field_validator, model_validator
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, model_validator
 from torch import nn
 
-from cardkit.compress.quantize import Quantized, check_bits, quantize_kmeans
+from cardkit.compress.quantize import Bits, Quantized, quantize_kmeans
 from cardkit.compress.stored import StoredTensor, factorized_weight
 from cardkit.config_base import Section
 from cardkit.errors import CardkitError
@@ -52,21 +52,13 @@ class AtmcConfig(Section):
     name: Literal["atmc"] = "atmc"
     sparsity: Optional[Number] = Field(None, ge=0, lt=1)
     size_ratio: Optional[Number] = Field(None, gt=0, lt=1)
-    bits: int = 8  # k-means bits per factor entry: 2^bits centres, one of them zero
+    bits: Bits = 8  # k-means bits per factor entry: 2^bits centres, one of them zero
     rank: Number = Field(DEFAULT_RANK, gt=0, le=1)  # r = this fraction of min(out, fan_in), at least 1
     prune_interval: PositiveInt = 50  # optimizer steps between top-k projections
     quant_interval: PositiveInt = 50  # optimizer steps between ADMM (Z, Lambda) updates
     rho: NonNegativeFloat = 1e-3  # ADMM penalty
     kmeans_iterations: NonNegativeInt = 20
     scope: Literal["global"] = "global"  # one budget over all layers
-
-    @field_validator("bits")
-    @classmethod
-    def _valid_bits(cls, bits: int) -> int:
-        try:
-            return check_bits(bits)
-        except CardkitError as err:
-            raise ValueError(str(err)) from None
 
     @model_validator(mode="after")
     def _one_budget(self):

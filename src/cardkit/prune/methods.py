@@ -15,7 +15,7 @@ import torch
 from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 from torch import nn
 
-from cardkit.compress.quantize import QuantSpec, check_bits
+from cardkit.compress.quantize import Bits, QuantSpec
 from cardkit.config_base import HandlerTable, Section
 from cardkit.errors import CardkitError
 from cardkit.numbers import Number
@@ -30,16 +30,8 @@ class QuantizeConfig(Section):
     per-layer `kmeans` codebook of 2^bits centres, one of them fixed at zero."""
 
     scheme: Literal["uniform", "kmeans"] = "uniform"
-    bits: int = 8
+    bits: Bits = 8
     per_channel: bool = False
-
-    @field_validator("bits", mode="before")
-    @classmethod
-    def _valid_bits(cls, bits):
-        try:
-            return check_bits(bits)
-        except CardkitError as err:
-            raise ValueError(str(err)) from None
 
     @model_validator(mode="after")
     def _per_channel_uniform(self):
