@@ -19,21 +19,11 @@ from cardkit.engine import run_pipeline
 from cardkit.engine.checkpoint import load_checkpoint
 from cardkit.engine.pipeline import model_from_checkpoint
 from cardkit.errors import CardkitError
-from cardkit.models import create_model
 from cardkit.objectives import PGDATConfig, build_objective
 from cardkit.prune import prune_model, prunable_layers
 from cardkit.prune.atmc import FACTORS, AtmcConfig, AtmcLayer, svd_factors, to_atmc
 from cardkit.train import Trainer
-
-
-def model(name="cnn_small", seed=0):
-    torch.manual_seed(seed)
-    return create_model(name, num_classes=10, in_channels=1, input_size=8)
-
-
-def data(n=32, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+from test_prune import data, model
 
 
 def atmc_layers(net):
