@@ -238,3 +238,19 @@ def test_gmp_reaches_its_exact_sparsity_while_weights_train():
         assert int(layer.mask.sum()) == round(0.2 * layer.weight.numel())
     with pytest.raises(CardkitError, match="end_step"):
         prune_model(model(), method_config("gmp", sparsity=0.8, end_step=50)).after_step(1, 10)
+
+
+def test_kmeans_codebooks_follow_optimizer_steps_but_not_reloads():
+    net = model()
+    group = prune_model(net, method_config("magnitude", sparsity=0.5,
+                                           quantize={"bits": 3, "scheme": "kmeans"})).group
+    layer = group.layers[0]
+    fitted = layer.codebook.clone()
+    with torch.no_grad():
+        layer.weight.mul_(1.5)  # as if an optimizer step had moved the weights
+    group.enforce()  # after loading a checkpoint: the saved codebook is the model's
+    assert torch.equal(layer.codebook, fitted)
+    group.enforce(refit=True)  # after an optimizer step: the codebook follows the weights
+    assert not torch.equal(layer.codebook, fitted) and layer.codebook[0] == 0
+    q = layer.quantized()
+    assert torch.equal(q.values, torch.where(layer.mask != 0, layer.codebook[q.codes], 0))

@@ -342,7 +342,7 @@ def _train_stage(run: _Run, stage: str, folder: Path, model: nn.Module, *, stage
         group.enforce()
     optimizer = build_optimizer(model.parameters(), stage_config.optimizer)
     if group is not None:
-        optimizer.register_step_post_hook(lambda *_: group.enforce())
+        optimizer.register_step_post_hook(lambda *_: group.enforce(refit=True))
     state = TrainState()
     if own is not None:
         load_model_state(model, own)

@@ -226,8 +226,9 @@ class AtmcGroup:
         self.frozen = True
 
     @torch.no_grad()
-    def enforce(self) -> None:
-        """Zero the factors outside their masks (after an optimizer step)."""
+    def enforce(self, refit: bool = False) -> None:
+        """Zero the factors outside their masks (after an optimizer step); the codebooks stay
+        fixed, so `refit` changes nothing here."""
         for theta, mask, *_ in self.factors():
             theta.mul_(mask)
 

@@ -66,7 +66,7 @@ class MaskedLayer:
     def quantized(self) -> Quantized:
         """The quantized masked weight, computed once per change of weight, mask or codebook."""
         codebook = getattr(self, "codebook", None)
-        key = (self.weight._version, self.mask._version, None if codebook is None else codebook._version)
+        key = _state_key(self.weight, self.mask, codebook)
         if getattr(self, "_quantized_key", None) != key:
             object.__setattr__(self, "_quantized", self.quantizer(self.weight, self.mask, codebook))
             object.__setattr__(self, "_quantized_key", key)
@@ -107,13 +107,19 @@ class MaskedLayer:
 
     @torch.no_grad()
     def _cached_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (self.weight._version, self.mask._version, self.binary, self.quantizer)
+        key = (_state_key(self.weight, self.mask), self.binary, self.quantizer)
         if getattr(self, "_cache_key", None) != key:
             unmasked = self._unmasked_weight().detach()
             masked = unmasked * self.mask if self.quantizer is None else self.quantized().values
             object.__setattr__(self, "_cache", (unmasked, masked))
             object.__setattr__(self, "_cache_key", key)
         return self._cache
+
+
+def _state_key(*tensors: torch.Tensor | None) -> tuple:
+    """Changes whenever one of the tensors is modified in place or replaced (e.g. moved to
+    another device, where a new tensor may start at the same version count)."""
+    return tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -249,10 +255,12 @@ class MaskGroup:
             layer.scores.requires_grad_(False)
 
     @torch.no_grad()
-    def enforce(self) -> None:
+    def enforce(self, refit: bool = False) -> None:
         """Zero the pruned weights again (after an optimizer step: momentum or weight decay may
-        have moved them) and follow the moved weights with the k-means codebooks."""
+        have moved them); `refit` (after an optimizer step, not after loading a checkpoint)
+        also follows the moved weights with the k-means codebooks."""
         for layer in self.layers:
             if not layer.binary:
                 layer.weight.mul_(layer.mask)
-            layer.fit_codebook(KMEANS_REFIT_ITERATIONS)
+            if refit:
+                layer.fit_codebook(KMEANS_REFIT_ITERATIONS)

@@ -308,7 +308,7 @@ def gmp(model: nn.Module, config: GMPConfig) -> PruneSetup:
                 layer.scores.copy_(layer.weight.abs())
             group.sparsity = sparsity
             group.recompute()
-        group.enforce()
+        group.enforce(refit=True)
 
     with torch.no_grad():
         group.recompute()
