@@ -170,3 +170,8 @@ def test_onnx_export_runs_in_onnxruntime_with_the_same_outputs(tmp_path):
     with torch.no_grad():
         expected = model(x).numpy()
     assert np.abs(onnx_outputs(tmp_path / "m.onnx", x) - expected).max() < 1e-5
+
+
+def test_a_model_without_a_recorded_architecture_is_refused(tmp_path):
+    with pytest.raises(CardkitError, match="built by cardkit"):
+        save_artifact(torch.nn.Sequential(torch.nn.Linear(3, 2)), tmp_path / "m.card")

@@ -38,6 +38,9 @@ OTHER = "other"
 
 def save_artifact(model: nn.Module, path: str | Path) -> int:
     """Write `model` (masked, quantized, factorized or plain) compressed; returns the file's bytes."""
+    if not isinstance(getattr(model, "arch", None), dict):
+        raise CardkitError("only models built by cardkit (create_model, or loaded from a checkpoint) can "
+                           "be saved as artifacts: the file records the architecture to rebuild")
     encoded, other = encode_model(model)
     arrays: dict[str, np.ndarray] = {}
     entries = []
