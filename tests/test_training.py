@@ -50,7 +50,8 @@ def reference(tmp_path_factory):
     return config, result, final_weights(config.run_dir)
 
 
-@pytest.mark.parametrize("kill_step,checkpoint_every", [(8, 0), (14, 0), (8, 5), (13, 3)])
+# (11, 5) resumes from the mid-epoch checkpoint at step 10 (epoch 2, batch 4).
+@pytest.mark.parametrize("kill_step,checkpoint_every", [(8, 0), (14, 0), (8, 5), (13, 3), (11, 5)])
 def test_killed_run_resumes_to_identical_weights(tmp_path, monkeypatch, reference,
                                                  kill_step, checkpoint_every):
     # 6 steps per epoch: kills land mid-epoch, with and without mid-epoch checkpoints.
@@ -69,6 +70,10 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, monkeypatch, referenc
     assert ours == theirs.__class__(**{**theirs.to_dict(), "seconds": ours.seconds})
     rows = [json.loads(line) for line in (config.run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, 11))
+    # A resumed epoch's training loss and accuracy average all of its batches, as uninterrupted.
+    ref_rows = [json.loads(line) for line in (reference[0].run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    timeless = lambda row: {k: v for k, v in row.items() if k != "seconds"}  # noqa: E731
+    assert [timeless(r) for r in rows] == [timeless(r) for r in ref_rows]
 
 
 def test_outputs_and_pgd_below_clean(reference):

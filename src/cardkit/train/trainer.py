@@ -37,11 +37,15 @@ class TrainState:
     best_score: Optional[float] = None
     best_epoch: Optional[int] = None
     rng: Optional[dict[str, torch.Tensor]] = None  # RNG states, at mid-epoch checkpoints only
+    # the current epoch's running loss / correct / sample sums (mid-epoch), so that a resumed
+    # epoch reports the same training metrics as an uninterrupted one
+    totals: Optional[dict[str, float]] = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_meta(self) -> dict:
         return {"epoch": self.epoch, "batch": self.batch, "step": self.step,
-                "best_score": self.best_score, "best_epoch": self.best_epoch}
+                "best_score": self.best_score, "best_epoch": self.best_epoch,
+                "totals": self.totals if self.batch else None}
 
 
 def derive_seed(*parts: int) -> int:
@@ -89,6 +93,7 @@ class Trainer:
         self.regularizer = regularizer  # a penalty added to the loss: e.g. ATMC's ADMM term
 
     def fit(self, state: TrainState) -> TrainState:
+        self.saved = state.step > 0  # resumed from a checkpoint of this stage
         for epoch in range(state.epoch, self.config.epochs):
             start = time.perf_counter()
             totals = self._train_epoch(epoch, state)
@@ -97,7 +102,7 @@ class Trainer:
         return state
 
     def _train_epoch(self, epoch: int, state: TrainState) -> dict[str, float]:
-        """Runs the rest of epoch `epoch`; returns its loss/accuracy sums since the last resume."""
+        """Runs the rest of epoch `epoch`; returns its loss/accuracy sums."""
         self.model.train()
         if state.batch and state.rng is not None:
             set_rng_state(state.rng)
@@ -105,7 +110,8 @@ class Trainer:
             torch.manual_seed(derive_seed(self.seed, self.stage_id, epoch, 1))
         state.rng = None
         batches = self.loader.epoch(derive_seed(self.seed, self.stage_id, epoch, 0), start_batch=state.batch)
-        totals = {"loss": 0.0, "correct": 0.0, "samples": 0.0}
+        totals = dict(state.totals) if state.batch and state.totals else {"loss": 0.0, "correct": 0.0, "samples": 0.0}
+        state.totals = totals
         # disable=None hides the bar when stderr is not a terminal (CI logs).
         bar = tqdm(batches, total=len(self.loader), initial=state.batch,
                    disable=None if self.progress else True,
@@ -121,7 +127,7 @@ class Trainer:
             every = self.config.checkpoint_every
             if every and state.step % every == 0 and state.batch < len(self.loader):
                 state.rng = rng_state()
-                self.save(state, None, False)
+                self._save(state, None, False)
                 state.rng = None
         bar.close()
         return totals
@@ -138,10 +144,11 @@ class Trainer:
             loss = loss + self.regularizer()
         value = float(loss.detach())
         if not math.isfinite(value):
+            kept = ("the last good checkpoint is kept" if self.saved else
+                    "no checkpoint of this stage was written yet")
             raise TrainingDiverged(
                 f"{self.describe}: loss is {value} at epoch {epoch + 1}, step {state.batch + 1} "
-                f"(lr {lr:.3g}); the last good checkpoint is kept: lower the learning rate or set "
-                f"grad_clip, then run again")
+                f"(lr {lr:.3g}); {kept}: lower the learning rate or set grad_clip, then run again")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip:
@@ -171,5 +178,10 @@ class Trainer:
                  result.split, result.clean_accuracy,
                  "" if result.robust_accuracy is None else f", {result.split} PGD acc {result.robust_accuracy:.4f}",
                  row["lr"], seconds)
-        self.save(state, row, is_best)
+        state.totals = None
+        self._save(state, row, is_best)
         return row
+
+    def _save(self, state: TrainState, row: Optional[dict], is_best: bool) -> None:
+        self.save(state, row, is_best)
+        self.saved = True
