@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from cardkit import __version__
@@ -17,13 +18,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
     try:
-        return args.handler(args) or 0
+        code = args.handler(args) or 0
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
     except CardkitError as err:
         print(f"cardkit: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cardkit: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `cardkit ... | head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except OSError as err:  # the file system refused (a path through a file, no space, no permission)
+        where = f" '{err.filename}'" if err.filename else ""
+        print(f"cardkit: error: cannot use{where}: {err.strerror or err}; check the path and its "
+              f"permissions", file=sys.stderr)
+        return 2
 
 
 def _configure_logging(verbose: bool, quiet: bool) -> None:
@@ -80,8 +92,8 @@ def _parser() -> argparse.ArgumentParser:
                             "channels removed and the model rebuilt smaller")
     prune.add_argument("--bits", type=int, help="quantize the kept weights to this many bits (1-8); "
                                                 "for atmc: its codebook bits")
-    prune.add_argument("--quantizer", choices=["uniform", "kmeans"], default="uniform",
-                       help="with --bits: symmetric uniform levels or a k-means codebook")
+    prune.add_argument("--quantizer", choices=["uniform", "kmeans"],
+                       help="with --bits: symmetric uniform levels (default) or a k-means codebook")
     prune.add_argument("--per-channel", action="store_true", help="with --bits: one uniform scale per output channel")
     prune.add_argument("--no-finetune", action="store_true", help="skip fine-tuning under the mask")
     prune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -119,7 +131,10 @@ def _parser() -> argparse.ArgumentParser:
     corrupt.add_argument("--corruptions", nargs="+", default=["all"], metavar="NAME",
                          help="corruption names, or benchmark (the 15), extras (the 4), all (default)")
     corrupt.add_argument("--seed", type=int, default=0, help="seed of the random corruptions")
-    corrupt.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    corrupt.add_argument("--files", nargs="+", metavar="FILE",
+                         help="the split's files, relative to --data-dir (default: the official ones), "
+                              "e.g. cifar-10-test-1k/test_batch_first1000.bin")
+    corrupt.add_argument("--out", metavar="DIR", help="output folder (required unless --list)")
     corrupt.add_argument("--list", action="store_true", help="list the corruptions and exit")
     corrupt.set_defaults(handler=_corrupt)
 
@@ -263,9 +278,12 @@ def _prune(args) -> int:
         "size_ratio": parse_number(args.size_ratio)}
     if args.scope:
         settings["scope"] = args.scope
+    if args.bits is None and (args.quantizer or args.per_channel):
+        given = "--quantizer " + args.quantizer if args.quantizer else "--per-channel"
+        raise CardkitError(f"{given} applies to quantized weights: add --bits B (1-8), e.g. --bits 4")
     if args.bits is not None:
         settings.update({"bits": args.bits} if args.method == "atmc" else {"quantize": {
-            "scheme": args.quantizer, "bits": args.bits, "per_channel": args.per_channel}})
+            "scheme": args.quantizer or "uniform", "bits": args.bits, "per_channel": args.per_channel}})
     try:
         method = method_config(args.method, **settings)
     except ValueError as err:  # pydantic's ValidationError is a ValueError
@@ -293,9 +311,13 @@ def _corrupt(args) -> int:
     if args.list:
         print("\n".join(corruption_names()))
         return 0
+    if args.out is None:
+        raise CardkitError("corrupt: give --out DIR, the folder to write the corrupted files to")
     names = expand_names(args.corruptions)
+    files = {f"{args.split}_files": args.files} if args.files else {}
     sizes = {"test_size": args.samples} if args.split == "test" else {"train_size": args.samples}
-    splits = load_dataset(args.data, args.data_dir, download=False, seed=args.seed, **sizes)
+    splits = load_dataset(args.data, args.data_dir, download=False, seed=args.seed, only=args.split,
+                          **sizes, **files)
     dataset = getattr(splits, args.split)
     start = time.perf_counter()
     files = write_suite(dataset, args.out, names, seed=args.seed)

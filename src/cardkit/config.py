@@ -17,7 +17,7 @@ from pydantic import (Field, NonNegativeFloat, NonNegativeInt, PositiveInt, Vali
 from cardkit.config_base import Section
 from cardkit.errors import CardkitError
 from cardkit.numbers import Number
-from cardkit.objectives import OBJECTIVE_CONFIGS, NaturalConfig
+from cardkit.objectives import OBJECTIVE_CONFIGS, NaturalConfig, settled
 from cardkit.objectives.augment import AUGMENT_CONFIGS, DOMAIN_CONFIGS, AugmentConfig
 from cardkit.prune import METHOD_CONFIGS
 
@@ -70,6 +70,18 @@ class ModelConfig(Section):
         _as_value_error(lookup_model, name)
         return name
 
+    @field_validator("kwargs")
+    @classmethod
+    def _options_only(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        from cardkit.models.registry import DATA_KEYWORDS
+
+        given = [k for k in DATA_KEYWORDS if k in kwargs]
+        if given:
+            raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} set by the dataset "
+                             f"({', '.join(DATA_KEYWORDS)} all are); remove {'it' if len(given) == 1 else 'them'} "
+                             f"from model.kwargs")
+        return kwargs
+
 
 class OptimizerConfig(Section):
     name: Literal["sgd", "adam"] = "sgd"
@@ -90,7 +102,9 @@ class ScheduleConfig(Section):
 
 class TrainStageConfig(Section):
     epochs: PositiveInt = 10
-    objective: ObjectiveConfig = Field(default_factory=NaturalConfig)
+    # null: pretrain trains naturally; prune and finetune inherit the pretrain objective, its
+    # ramp-ups settled (robust pruning keeps the pretraining objective, Sehwag et al. 2019)
+    objective: Optional[ObjectiveConfig] = None
     augment: Optional[AugmentConfig] = None  # augmix or gaussian noise, around the objective
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
@@ -152,7 +166,7 @@ class EvaluateConfig(Section):
 
 
 class RunConfig(Section):
-    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")  # one folder under output_dir
     seed: NonNegativeInt = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     output_dir: str = "runs"
@@ -164,6 +178,24 @@ class RunConfig(Section):
     prune: PruneStageConfig = Field(default_factory=PruneStageConfig)
     finetune: TrainStageConfig = Field(default_factory=TrainStageConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, name: str) -> str:
+        if set(name) == {"."}:
+            raise ValueError("a run name of only dots names output_dir itself or its parent; give a "
+                             "folder name such as mnist-hydra")
+        return name
+
+    @model_validator(mode="after")
+    def _inherit_objectives(self):
+        """An unset objective: natural for pretraining, the pretraining objective afterwards."""
+        if self.pretrain.objective is None:
+            self.pretrain.objective = NaturalConfig()
+        for stage in (self.prune, self.finetune):
+            if stage.objective is None:
+                stage.objective = settled(self.pretrain.objective)
+        return self
 
     @model_validator(mode="after")
     def _check_pipeline(self):
@@ -231,6 +263,10 @@ def _read_yaml(path: Path) -> dict:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
+        if not text.strip()[:1] in ("[", "{", "'", '"'):
+            value = text  # a plain string YAML reads otherwise ("...", "%x"): taken as written
+            node[parts[-1]] = value
+            return
         where = getattr(err, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
         raise CardkitError(f"config file '{path}' is not valid YAML{line}: "
@@ -238,7 +274,8 @@ def _read_yaml(path: Path) -> dict:
     except UnicodeDecodeError:
         raise CardkitError(f"config file '{path}' is not a text YAML file") from None
     if raw is None:
-        return {}
+        raise CardkitError(f"config file '{path}' is empty; write the sections of a run in it (data:, "
+                           f"model:, pretrain:, ...), e.g. start from configs/quickstart.yaml")
     if not isinstance(raw, dict):
         raise CardkitError(f"config file '{path}' must hold a mapping of sections "
                            f"(data:, model:, ...), got a {type(raw).__name__}")
@@ -265,8 +302,16 @@ def _apply_override(raw: dict, defaults: dict, item: str) -> None:
         node = node[part]
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = text
+    except yaml.YAMLError as err:
+        if not text.strip()[:1] in ("[", "{", "'", '"'):
+            value = text  # a plain string YAML reads otherwise ("...", "%x"): taken as written
+            node[parts[-1]] = value
+            return
+        where = getattr(err, "problem_mark", None)
+        column = f" at column {where.column + 1}" if where else ""
+        raise CardkitError(f"--set {item}: the value is not valid YAML{column} "
+                           f"({getattr(err, 'problem', None) or err}); write lists as [a, b], sections as "
+                           f"{{key: value}} and quote strings with special characters") from None
     node[parts[-1]] = value
 
 

@@ -28,20 +28,31 @@ def open_url(url: str):
 
 def download_file(url: str, dest: Path) -> None:
     """Download `url` to `dest` through a temporary name, so an interrupted download leaves no file."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    created = [p for p in [dest.parent, *dest.parent.parents] if not p.exists()]
     part = dest.with_name(dest.name + ".part")
     log.info("downloading %s to %s", url, dest)
     try:
-        with open_url(url) as response, open(part, "wb") as out:
-            shutil.copyfileobj(response, out, 1 << 20)
+        with open_url(url) as response:  # folders are made only once the server answers
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with open(part, "wb") as out:
+                shutil.copyfileobj(response, out, 1 << 20)
         _check_download(part, dest)
         os.replace(part, dest)
-    except (OSError, ValueError) as e:  # URLError and timeouts are OSErrors
+    except (OSError, ValueError, DownloadFailed) as e:  # URLError and timeouts are OSErrors
         part.unlink(missing_ok=True)
+        _remove_empty(created)
+        if isinstance(e, DownloadFailed):
+            raise
         raise DownloadFailed(f"{url}: {e}") from e
-    except DownloadFailed:
-        part.unlink(missing_ok=True)
-        raise
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed download created (deepest first), as long as they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _check_download(part: Path, dest: Path) -> None:

@@ -59,6 +59,7 @@ def load_dataset(
     train_files: list[str] | None = None,
     val_files: list[str] | None = None,
     test_files: list[str] | None = None,
+    only: str | None = None,
 ) -> DatasetSplits:
     """Load a registered dataset (see `list_datasets`) with seeded subsets.
 
@@ -66,13 +67,16 @@ def load_dataset(
     images are carved out of the training set. `train_size` and `test_size` pick seeded random subsets
     of the remaining training set and of the test set; None keeps all. Every subset keeps file order and
     depends only on `seed`. `*_files` are paths relative to `data_dir` (or absolute) replacing the
-    dataset's default files; the defaults per dataset are listed in `cardkit.data.builtin`.
+    dataset's default files; the defaults per dataset are listed in `cardkit.data.builtin`. `only`
+    ("train" or "test") needs only that split's files; the other split then holds the same images.
     """
     name = canonical_name(name)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise CardkitError(f"seed={seed!r} is not valid; give an integer >= 0")
     files = {"train": train_files, "val": val_files, "test": test_files}
-    raw = get_reader(name)(FileRequest(name, Path(data_dir).expanduser(), download, files))
+    if only not in (None, "train", "test"):
+        raise CardkitError(f"only={only!r} is not a split; give 'train', 'test' or None")
+    raw = get_reader(name)(FileRequest(name, Path(data_dir).expanduser(), download, files, only))
     train, val = _train_val(raw.train, raw.val, seed, val_size)
     train = _subset(train, train_size, seed, _TRAIN_STREAM, "train_size", "training images")
     test = _subset(raw.test, test_size, seed, _TEST_STREAM, "test_size", "test images")

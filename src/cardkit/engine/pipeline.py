@@ -34,6 +34,7 @@ from cardkit.config import (STAGES, TRAIN_STAGES, PruneStageConfig, RunConfig, T
 from cardkit.compress import SizeReport, model_size
 from cardkit.config_base import Section
 from cardkit.data import ArrayDataset, Augmentation, BatchLoader, DatasetSplits, load_dataset
+from cardkit.engine.rundir import check_run_folder, claim_run_folder, clear_run_folder, run_lock
 from cardkit.engine.checkpoint import (Checkpoint, has_checkpoint, load_checkpoint,
                                        save_checkpoint, write_json_atomic)
 from cardkit.errors import CardkitError
@@ -47,7 +48,7 @@ from cardkit.models import create_model
 from cardkit.objectives import build_objective
 from cardkit.objectives.augment import stage_domain, with_augmentation
 from cardkit.prune import (LotteryConfig, MaskGroup, method_config, prune_model, prune_round,
-                           restore_masks, sparsity_report, to_structured)
+                           restore_masks, sparsity_report, thin_layers, to_structured)
 from cardkit.prune.structured import create_structured
 from cardkit.train import Trainer, TrainState, build_optimizer
 from cardkit.train.trainer import derive_seed
@@ -104,10 +105,25 @@ def run_pipeline(config: RunConfig, *, restart: bool = False, progress: bool = F
                  evaluate_dense: bool = True) -> RunResult:
     run_dir = config.run_dir
     device = resolve_device(config.device)
-    _check_run_dir(run_dir, config, restart)
-    splits = load_data(config)  # before the run folder is written: a data error leaves nothing behind
-    _write_config(run_dir, config)
-    run = _Run(config, splits, device, progress)
+    check_run_folder(run_dir)  # a folder of other files is refused before anything is touched
+    new_folder = not run_dir.exists()
+    with run_lock(run_dir):
+        try:
+            if restart:
+                clear_run_folder(run_dir)
+            _check_same_run(run_dir, config)
+            splits = load_data(config)  # before the run is written: a data error leaves nothing behind
+        except BaseException:
+            if new_folder:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        claim_run_folder(run_dir)
+        _write_config(run_dir, config)
+        return _run_stages(_Run(config, splits, device, progress), evaluate_dense)
+
+
+def _run_stages(run: _Run, evaluate_dense: bool) -> RunResult:
+    config, run_dir = run.config, run.config.run_dir
     result = RunResult(run_dir, config.data.name)
     stages = config.pipeline
     if "pretrain" in stages:
@@ -135,6 +151,7 @@ def _run_variant(run: _Run, method: Section, index: int, result: RunResult) -> N
     model = run.fresh_model()
     load_model_state(model, load_checkpoint(config.run_dir / "pretrain" / "checkpoints"))
     setup = prune_model(model, method)
+    _warn_thin_layers(method, setup)
     model, meta = setup.model, {"pruning": method.model_dump(mode="json")}
     source = "prune"
     if isinstance(method, LotteryConfig):
@@ -163,6 +180,15 @@ def _run_variant(run: _Run, method: Section, index: int, result: RunResult) -> N
         checkpoint = load_checkpoint(folder / last_stage / "checkpoints", pointer)
         model = model_from_checkpoint(checkpoint).to(run.device)
         result.evaluations.append(_evaluate(run, method.label, model, folder, checkpoint))
+
+
+def _warn_thin_layers(method: Section, setup) -> None:
+    thin = thin_layers(setup.model, setup.group) if setup.group is not None else []
+    if thin:
+        listed = ", ".join(f"{name} keeps {kept} weights for {outputs} outputs" for name, kept, outputs in thin[:3])
+        log.warning("%s: %s%s; the same sparsity in every layer starves the small ones: scope: global "
+                    "(--scope global) lets the budget move between layers", method.label, listed,
+                    f" (and {len(thin) - 3} more)" if len(thin) > 3 else "")
 
 
 def _lottery_rounds(run: _Run, method: LotteryConfig, folder: Path, model: nn.Module, group: MaskGroup,
@@ -232,7 +258,8 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), *, pointer:
     pruning = checkpoint.meta.get("pruning")
     variant = method_config(**pruning).label if pruning else "dense"
     result = RunResult(folder, config.data.name)
-    result.evaluations.append(_evaluate(run, variant, model, folder, checkpoint))
+    with run_lock(folder):
+        result.evaluations.append(_evaluate(run, variant, model, folder, checkpoint))
     return result
 
 
@@ -334,6 +361,7 @@ def _train_stage(run: _Run, stage: str, folder: Path, model: nn.Module, *, stage
     optimizer step so that momentum and weight decay cannot revive them."""
     config = run.config
     stage_config = getattr(config, stage)
+    _warn_objective_switch(config, stage)
     checkpoints = folder / "checkpoints"
     own = load_checkpoint(checkpoints) if has_checkpoint(checkpoints) else None
     if own is None and start is not None:
@@ -389,6 +417,15 @@ def _train_stage(run: _Run, stage: str, folder: Path, model: nn.Module, *, stage
                       on_step=on_step, regularizer=regularizer)
     state.history = history
     return trainer.fit(state).history
+
+
+def _warn_objective_switch(config: RunConfig, stage: str) -> None:
+    """Robust pruning keeps the pretraining objective; a switch to natural training is stated."""
+    pretrained, objective = config.pretrain.objective.name, getattr(config, stage).objective.name
+    if stage != "pretrain" and objective == "natural" and pretrained != "natural":
+        log.warning("%s: trains with the natural objective, but the model was pretrained with %s; "
+                    "robust pruning keeps the pretraining objective: remove %s.objective to inherit "
+                    "it", stage, pretrained, stage)
 
 
 def _save_one_shot(folder: Path, make_model: Callable[[], nn.Module], config: RunConfig,
@@ -514,9 +551,10 @@ def certify_checkpoint(path: str | Path, method: str, overrides: list[str] = (),
     else:
         result = verified_accuracy(model, loader.epoch(), _verify_eps(config), method, config.evaluate.split)
     folder = checkpoint.path.parents[2]
-    write_json_atomic(folder / "certify" / f"{method}.json",
-                      {"checkpoint": str(checkpoint.path), "dataset": config.data.name,
-                       "model": summarize_model(model), "verification": result.to_dict()})
+    with run_lock(folder):
+        write_json_atomic(folder / "certify" / f"{method}.json",
+                          {"checkpoint": str(checkpoint.path), "dataset": config.data.name,
+                           "model": summarize_model(model), "verification": result.to_dict()})
     return folder, result
 
 
@@ -547,10 +585,8 @@ def _subset(data: ArrayDataset, n: int | None, seed: int) -> ArrayDataset:
     return ArrayDataset(data.images[index], data.labels[index])
 
 
-def _check_run_dir(run_dir: Path, config: RunConfig, restart: bool) -> None:
+def _check_same_run(run_dir: Path, config: RunConfig) -> None:
     """Refuse to resume a run folder whose training-relevant config differs."""
-    if restart and run_dir.exists():
-        shutil.rmtree(run_dir)
     _check_same(run_dir / "config.yaml", config.model_dump(mode="json"), RESUME_SAFE_KEYS, run_dir,
                 upgrade=lambda saved: validate_config(saved).model_dump(mode="json"))
 

@@ -14,6 +14,7 @@ from cardkit.models.normalize import Normalize
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _COMMON = ("num_classes", "in_channels", "input_size", "mean", "std")
+DATA_KEYWORDS = _COMMON  # what the dataset decides, never a model option
 _OPTION_KINDS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 

@@ -5,11 +5,12 @@ running. Each one is a config class (its `name` is the YAML tag) plus a handler 
 """
 
 from cardkit.objectives.registry import (OBJECTIVE_CONFIGS, OBJECTIVES, Objective, build_objective,
-                                         register_objective)
+                                         register_objective, settled)
 # Importing the modules registers their objectives, in this order (the YAML tags' order).
 from cardkit.objectives.standard import NaturalConfig, PGDATConfig, TradesConfig
 from cardkit.objectives.certified import CrownIBPConfig, GaussianConfig, IBPConfig, MixTrainConfig
 
 __all__ = ["OBJECTIVES", "OBJECTIVE_CONFIGS", "Objective", "build_objective", "register_objective",
+           "settled",
            "NaturalConfig", "PGDATConfig", "TradesConfig", "IBPConfig",
            "CrownIBPConfig", "MixTrainConfig", "GaussianConfig"]

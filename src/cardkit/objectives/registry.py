@@ -30,3 +30,14 @@ register_objective = OBJECTIVES.register
 def build_objective(config: Section, threat: Threat) -> Objective:
     """The objective for a validated config; `threat` supplies eps and norm the config leaves unset."""
     return OBJECTIVES.handler(config)(config, threat)
+
+
+SCHEDULE_FIELDS = ("eps_warmup_epochs", "warmup_epochs", "ramp_epochs")
+"""Fields that ramp an objective in from the start of a stage (eps, kappa, beta schedules)."""
+
+
+def settled(config: Section) -> Section:
+    """The objective as it stands once its ramps are over: what a later stage inherits, since a
+    pretrained model needs no second ramp-up from eps 0."""
+    fields = type(config).model_fields
+    return config.model_copy(update={f: 0.0 for f in SCHEDULE_FIELDS if f in fields}, deep=True)

@@ -1,7 +1,7 @@
 """The pruning engine: masked layers, pruning methods and sparsity accounting."""
 
 from cardkit.prune.masked import (MaskedConv2d, MaskedLayer, MaskedLinear, MaskGroup, add_masks,
-                                  kept_count, masked_layers, prunable_layers)
+                                  kept_count, masked_layers, prunable_layers, thin_layers)
 from cardkit.prune.methods import (METHOD_CONFIGS, BipropConfig, EdgePopupConfig, GMPConfig, HydraConfig,
                                    LotteryConfig, prune_round,
                                    MagnitudeConfig, PruneSetup,
@@ -14,4 +14,4 @@ __all__ = ["MaskedConv2d", "MaskedLayer", "MaskedLinear", "MaskGroup", "add_mask
            "masked_layers", "prunable_layers", "METHOD_CONFIGS", "BipropConfig", "EdgePopupConfig", "GMPConfig", "LotteryConfig", "prune_round",
            "HydraConfig", "MagnitudeConfig",
            "PruneSetup", "method_config", "method_names", "prune_model", "register_method",
-           "restore_masks", "sparsity_report", "to_structured"]
+           "restore_masks", "sparsity_report", "thin_layers", "to_structured"]

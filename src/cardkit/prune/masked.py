@@ -205,6 +205,17 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return flat.view_as(scores)
 
 
+def thin_layers(model: nn.Module, group: "MaskGroup") -> list[tuple[str, int, int]]:
+    """(layer, kept weights, output channels) of the layers that a layer-wise mask leaves fewer
+    weights than output channels: some outputs are then constant, and score training stalls."""
+    if group.scope != "layer":
+        return []
+    layers = {id(layer) for layer in group.layers}
+    return [(name, kept, module.weight.shape[0]) for name, module in prunable_layers(model)
+            if id(module) in layers
+            and (kept := kept_count(module.weight.numel(), group.sparsity)) < module.weight.shape[0]]
+
+
 class MaskGroup:
     """The masks of one model: computed from |scores| at a sparsity and scope, cached per step."""
 

@@ -1,0 +1,223 @@
+"""What a user's mistakes and faults cannot do: delete or overwrite files outside the run folder,
+run twice in one folder, end in a traceback, or pass silently."""
+
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+
+import pytest
+import yaml
+
+from cardkit.cli import main
+from cardkit.config import validate_config
+from cardkit.data import load_dataset
+from cardkit.engine.rundir import LOCK, MARKER, run_lock
+
+
+def tiny_config(tmp_path, name="tiny", **extra):
+    """A run of a few seconds on digits."""
+    config = {"name": name, "output_dir": str(tmp_path / "runs"), "pipeline": ["pretrain", "evaluate"],
+              "data": {"name": "digits", "train_size": 100, "test_size": 50, "batch_size": 50},
+              "pretrain": {"epochs": 1, "eval_samples": 50}, "evaluate": {"attack": {"steps": 1}}, **extra}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cardkit: error: "), err
+    return err[0]
+
+
+def snapshot(folder):
+    return sorted((str(p.relative_to(folder)), p.read_bytes() if p.is_file() else None) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("name", [".", "..", "..."])
+@pytest.mark.parametrize("restart", [False, True])
+def test_a_run_name_of_dots_is_refused_and_touches_nothing(tmp_path, capsys, name, restart):
+    config = tiny_config(tmp_path)
+    (tmp_path / "runs" / "other").mkdir(parents=True)
+    (tmp_path / "runs" / "other" / "keep.txt").write_text("a user's file")
+    before = snapshot(tmp_path)
+    assert main(["run", str(config), "--set", f"name={name}"] + ["--restart"] * restart) == 2
+    assert "only dots" in error_line(capsys)
+    assert snapshot(tmp_path) == before
+
+
+def test_restart_removes_only_a_folder_cardkit_created(tmp_path, capsys):
+    config = tiny_config(tmp_path)
+    mine = tmp_path / "runs" / "tiny"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("not cardkit's")
+    before = snapshot(tmp_path)
+    for restart in ([], ["--restart"]):
+        assert main(["run", str(config), "--no-progress"] + restart) == 2
+        assert "is not a cardkit run folder" in error_line(capsys)
+        assert snapshot(tmp_path) == before
+
+    # A folder cardkit made is emptied by --restart, and only that folder.
+    (mine / "notes.txt").unlink()
+    assert main(["run", str(config), "--no-progress"]) == 0
+    assert (mine / MARKER).is_file() and not (mine / LOCK).exists()
+    (mine / "stray.txt").write_text("inside the run folder")
+    sibling = tmp_path / "runs" / "sibling.txt"
+    sibling.write_text("beside the run folder")
+    assert main(["run", str(config), "--no-progress", "--restart"]) == 0
+    assert not (mine / "stray.txt").exists() and sibling.read_text() == "beside the run folder"
+    assert (mine / "pretrain" / "metrics.jsonl").is_file()
+
+
+def test_an_output_dir_below_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    config = tiny_config(tmp_path, output_dir=str(tmp_path / "afile" / "runs"))
+    assert main(["run", str(config)]) == 2
+    assert f"'{tmp_path / 'afile'}' is a file, not a folder" in error_line(capsys)
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_a_second_process_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys):
+    config = tiny_config(tmp_path)
+    run_dir = tmp_path / "runs" / "tiny"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        run_dir.mkdir(parents=True)
+        (run_dir / LOCK).write_text(json.dumps({"pid": holder.pid}))
+        assert main(["run", str(config), "--no-progress"]) == 2
+        line = error_line(capsys)
+        assert f"in use by process {holder.pid}" in line and str(run_dir / LOCK) in line
+        assert not (run_dir / "pretrain").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is gone: its lock is stale and taken over, with a warning.
+    assert main(["run", str(config), "--no-progress"]) == 0
+    assert f"taking over a stale lock (process {holder.pid} no longer runs)" in capsys.readouterr().err
+    assert not (run_dir / LOCK).exists()
+    rows = (run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 1
+
+
+def test_the_lock_is_reentrant_and_released(tmp_path):
+    with run_lock(tmp_path / "run"):
+        with run_lock(tmp_path / "run"):  # a variant of a run this process holds
+            pass
+        assert json.loads((tmp_path / "run" / LOCK).read_text())["pid"] == os.getpid()
+    assert not (tmp_path / "run" / LOCK).exists()
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["model.kwargs={in_channels: 1}"], "in_channels is set by the dataset"),
+    (["model.kwargs={num_classes: 3, width: 2}"], "num_classes is set by the dataset"),
+    (["prune.methods=[{name: hydra"], "not valid YAML at column 14"),
+    (["data.name=[mnist"], "not valid YAML"),
+])
+def test_config_mistakes_are_one_line(tmp_path, capsys, overrides, expected):
+    config = tiny_config(tmp_path)
+    assert main(["run", str(config)] + [a for o in overrides for a in ("--set", o)]) == 2
+    assert expected in error_line(capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_empty_config_file_is_refused(tmp_path, capsys):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here\n")
+    assert main(["run", str(empty)]) == 2
+    assert "is empty" in error_line(capsys)
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--quantizer", "kmeans"], "--quantizer kmeans applies to quantized weights: add --bits"),
+    (["--per-channel"], "--per-channel applies to quantized weights: add --bits"),
+])
+def test_quantizer_flags_without_bits_are_refused(tmp_path, capsys, flags, expected):
+    assert main(["prune", "--checkpoint", str(tmp_path), "--method", "hydra", "--sparsity", "0.9"] + flags) == 2
+    assert expected in error_line(capsys)
+
+
+def test_a_failed_download_leaves_no_empty_folder(tmp_path, monkeypatch):
+    def offline(url):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr("cardkit.data.download.open_url", offline)
+    data_dir = tmp_path / "new" / "data"
+    with pytest.raises(Exception, match="missing .* in .*download failed"):
+        load_dataset("mnist", data_dir, download=True)
+    assert not (tmp_path / "new").exists()
+
+
+def test_corrupt_list_needs_no_out_and_survives_a_closed_pipe(tmp_path):
+    listed = subprocess.run([sys.executable, "-m", "cardkit", "corrupt", "--list"], capture_output=True, text=True)
+    assert listed.returncode == 0 and listed.stdout.split()[:2] == ["gaussian_noise", "shot_noise"]
+    closed = subprocess.run(f"'{sys.executable}' -m cardkit corrupt --list | (exec 0<&-; sleep 0)",
+                            shell=True, capture_output=True, text=True)
+    assert "Traceback" not in closed.stderr and "BrokenPipe" not in closed.stderr
+
+
+def test_corrupt_reads_named_test_files_and_the_train_split_alone(tmp_path, shared_data, capsys):
+    args = ["corrupt", "--data", "cifar10", "--data-dir", str(shared_data), "--samples", "8",
+            "--corruptions", "fog"]
+    assert main(args + ["--files", "cifar-10-test-1k/test_batch_first1000.bin", "--out", str(tmp_path / "t")]) == 0
+    assert "8 cifar10 test images" in capsys.readouterr().out
+    assert main(args + ["--split", "train", "--out", str(tmp_path / "tr")]) == 0  # no test_batch.bin here
+    assert "8 cifar10 train images" in capsys.readouterr().out
+    assert main(["corrupt", "--data", "cifar10"]) == 2
+    assert "give --out DIR" in error_line(capsys)
+
+
+def test_prune_and_finetune_inherit_the_pretraining_objective():
+    config = validate_config({"pretrain": {"objective": {"name": "pgd_at", "steps": 7, "eps_warmup_epochs": 3}}})
+    for stage in (config.prune, config.finetune):
+        assert stage.objective.name == "pgd_at" and stage.objective.steps == 7
+        assert stage.objective.eps_warmup_epochs == 0  # a pretrained model needs no second ramp-up
+    assert config.pretrain.objective.eps_warmup_epochs == 3
+    certified = validate_config({"pretrain": {"objective": {"name": "crown_ibp", "warmup_epochs": 1,
+                                                             "ramp_epochs": 5, "beta_end": 0.5}}})
+    inherited = certified.finetune.objective
+    assert (inherited.name, inherited.warmup_epochs, inherited.ramp_epochs, inherited.beta_end) == \
+        ("crown_ibp", 0, 0, 0.5)
+    explicit = validate_config({"pretrain": {"objective": {"name": "pgd_at"}},
+                                "finetune": {"objective": {"name": "natural"}}})
+    assert explicit.prune.objective.name == "pgd_at" and explicit.finetune.objective.name == "natural"
+    assert validate_config({}).pretrain.objective.name == "natural"
+    assert validate_config({}).prune.objective.name == "natural"
+
+
+def test_cardkit_prune_keeps_the_robust_objective_and_says_when_it_switches(tmp_path, capsys):
+    config = tiny_config(tmp_path, pretrain={"epochs": 1, "eval_samples": 50,
+                                             "objective": {"name": "pgd_at", "steps": 1}})
+    assert main(["run", str(config), "--no-progress"]) == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    prune = ["prune", "--checkpoint", str(run_dir), "--method", "hydra", "--sparsity", "0.5",
+             "--set", "prune.epochs=1", "--set", "finetune.epochs=1", "--no-progress"]
+    capsys.readouterr()
+    assert main(prune) == 0
+    settings = yaml.safe_load((run_dir / "hydra-0.5" / "variant.yaml").read_text())
+    assert settings["prune"]["objective"]["name"] == "pgd_at"
+    assert settings["finetune"]["objective"]["name"] == "pgd_at"
+    assert "natural objective" not in capsys.readouterr().err
+    assert main(prune[:4] + ["magnitude", "--sparsity", "0.99"] + prune[7:]
+                + ["--set", "finetune.objective={name: natural}"]) == 0
+    messages = capsys.readouterr().err.splitlines()
+    assert [m for m in messages if "finetune: trains with the natural objective, but the model was "
+            "pretrained with pgd_at" in m]
+    assert [m for m in messages if "conv1 keeps 3 weights for 16 outputs" in m and "scope: global" in m]
+
+
+@pytest.mark.parametrize("sparsity,scope,expected", [
+    # cnn_small on 8x8x1: conv1 16x1x4x4, conv2 32x16x4x4, fc1 100x128, fc2 10x100
+    (0.99, "layer", [("conv1", 3, 16)]),
+    (0.995, "layer", [("conv1", 1, 16), ("fc1", 64, 100), ("fc2", 5, 10)]),
+    (0.9, "layer", []),
+    (0.995, "global", []),
+])
+def test_thin_layers_are_those_keeping_fewer_weights_than_outputs(sparsity, scope, expected):
+    from cardkit.models import create_model
+    from cardkit.prune import method_config, prune_model, thin_layers
+
+    model = create_model("cnn_small", num_classes=10, in_channels=1, input_size=8)
+    setup = prune_model(model, method_config("magnitude", sparsity=sparsity, scope=scope))
+    assert thin_layers(model, setup.group) == expected
