@@ -105,14 +105,19 @@ def test_rerun_of_finished_run_is_a_no_op_and_changed_config_is_refused(referenc
     assert run_pipeline(evaluated).evaluations[0].robustness.steps == 3
 
 
-def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("at_step,where,kept", [
+    (9, "epoch 2, step 3", "the last good checkpoint is kept"),
+    (3, "epoch 1, step 3", "no checkpoint of this stage was written yet"),
+])
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch,
+                                                                           at_step, where, kept):
     config = small_config(tmp_path)
     original = Trainer._step
     calls = {"n": 0}
 
     def step(self, x, y, epoch, state, totals):
         calls["n"] += 1
-        if calls["n"] == 9:  # epoch 2, batch 3
+        if calls["n"] == at_step:
             cls = type(self.objective)
             original_call = cls.__call__
             monkeypatch.setattr(cls, "__call__",
@@ -120,8 +125,11 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(tmp_p
         return original(self, x, y, epoch, state, totals)
 
     monkeypatch.setattr(Trainer, "_step", step)
-    with pytest.raises(TrainingDiverged, match=r"loss is nan at epoch 2, step 3"):
+    with pytest.raises(TrainingDiverged, match=rf"loss is nan at {where} \(lr .*\); {kept}:"):
         run_pipeline(config)
+    if at_step < 6:
+        assert not (config.run_dir / "pretrain" / "checkpoints").exists()
+        return
     kept = load_checkpoint(config.run_dir / "pretrain" / "checkpoints")
     assert kept.meta["state"]["epoch"] == 1
     assert all(torch.isfinite(t).all() for t in kept.model_state().values() if t.is_floating_point())
