@@ -221,3 +221,13 @@ def test_thin_layers_are_those_keeping_fewer_weights_than_outputs(sparsity, scop
     model = create_model("cnn_small", num_classes=10, in_channels=1, input_size=8)
     setup = prune_model(model, method_config("magnitude", sparsity=sparsity, scope=scope))
     assert thin_layers(model, setup.group) == expected
+
+
+def test_a_deck_name_of_dots_is_refused(tmp_path):
+    from cardkit.engine.deck import load_deck_config
+    from cardkit.errors import CardkitError
+
+    deck = tmp_path / "deck.yaml"
+    deck.write_text(yaml.safe_dump({"name": "..", "cards": [{"checkpoint": "runs/x"}]}))
+    with pytest.raises(CardkitError, match="name: given '..'; a run name of only dots"):
+        load_deck_config(deck)

@@ -182,10 +182,7 @@ class RunConfig(Section):
     @field_validator("name")
     @classmethod
     def _one_folder(cls, name: str) -> str:
-        if set(name) == {"."}:
-            raise ValueError("a run name of only dots names output_dir itself or its parent; give a "
-                             "folder name such as mnist-hydra")
-        return name
+        return folder_name(name)
 
     @model_validator(mode="after")
     def _inherit_objectives(self):
@@ -227,6 +224,14 @@ class RunConfig(Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+
+def folder_name(name: str) -> str:
+    """A run name is one folder under output_dir: `.` and `..` would be output_dir or its parent."""
+    if set(name) == {"."}:
+        raise ValueError("a run name of only dots names output_dir itself or its parent; give a "
+                         "folder name such as mnist-hydra")
+    return name
 
 
 def _as_value_error(check, value):

@@ -13,18 +13,19 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
-from pydantic import Field, NonNegativeInt, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveInt, field_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cardkit.compress import model_size
-from cardkit.config import DataConfig, RunConfig, _read_yaml, validate_config, validate_section
+from cardkit.config import DataConfig, RunConfig, _read_yaml, folder_name, validate_config, validate_section
 from cardkit.config_base import Section
 from cardkit.corrupt import SEVERITIES, expand_names
 from cardkit.corrupt.files import CorruptedSuite, GeneratedSuite
 from cardkit.data import BatchLoader
 from cardkit.deck import DISTANCES, GATINGS, Card, CardDeck, domain_key, reference_spectrum
 from cardkit.engine.checkpoint import write_json_atomic
+from cardkit.engine.rundir import check_run_folder, claim_run_folder, run_lock
 from cardkit.engine.pipeline import _find_checkpoint, _subset, load_data, model_from_checkpoint, resolve_device
 from cardkit.errors import CardkitError
 from cardkit.eval.corruption import evaluate_corruptions
@@ -54,6 +55,11 @@ class DeckConfig(Section):
     spectrum_samples: PositiveInt = 2000  # training images per reference spectrum
     data: Optional[DataConfig] = None  # default: the first card's data
 
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, name: str) -> str:
+        return folder_name(name)
+
     @property
     def folder(self) -> Path:
         return Path(self.output_dir) / self.name
@@ -66,6 +72,7 @@ def load_deck_config(path: str | Path) -> DeckConfig:
 def build_deck(config: DeckConfig) -> Path:
     """Load the cards, compute each domain's reference spectrum, write the deck folder."""
     device = resolve_device(config.device)
+    check_run_folder(config.folder)
     cards, run_config = _load_cards(config, device)
     if config.data is not None:
         run_config = validate_config({**run_config.model_dump(mode="json"), "data": config.data.model_dump(mode="json")})
@@ -81,15 +88,16 @@ def build_deck(config: DeckConfig) -> Path:
         spectra[key] = reference_spectrum((x for x, _ in loader.epoch(0)), transform).cpu()
     deck = CardDeck(cards, spectra, gating=config.gating, k=config.k, distance=config.distance)
     folder = config.folder
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = folder / (SPECTRA + ".partial")
-    save_file({k: v.contiguous() for k, v in spectra.items()}, str(partial))
-    partial.replace(folder / SPECTRA)
-    write_json_atomic(folder / "deck.json", {
-        "format": FORMAT, "version": VERSION, "config": config.model_dump(mode="json"),
-        "data": run_config.data.model_dump(mode="json"), "memory": deck.memory(),
-        "cards": [{"name": c.name, "checkpoint": card.checkpoint, "domain": c.domain,
-                   "size_bytes": c.size_bytes} for c, card in zip(cards, config.cards)]})
+    with run_lock(folder):
+        claim_run_folder(folder)
+        partial = folder / (SPECTRA + ".partial")
+        save_file({k: v.contiguous() for k, v in spectra.items()}, str(partial))
+        partial.replace(folder / SPECTRA)
+        write_json_atomic(folder / "deck.json", {
+            "format": FORMAT, "version": VERSION, "config": config.model_dump(mode="json"),
+            "data": run_config.data.model_dump(mode="json"), "memory": deck.memory(),
+            "cards": [{"name": c.name, "checkpoint": card.checkpoint, "domain": c.domain,
+                       "size_bytes": c.size_bytes} for c, card in zip(cards, config.cards)]})
     return folder
 
 

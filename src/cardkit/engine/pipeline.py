@@ -677,9 +677,13 @@ def _read_history(path: Path, epochs_done: int) -> list[dict]:
             rows.append(json.loads(line))
         except json.JSONDecodeError:  # a line cut short by a kill
             continue
-    rows = [r for r in rows if r.get("epoch", 0) <= epochs_done]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return rows
+    kept = [r for r in rows if r.get("epoch", 0) <= epochs_done]
+    text = "".join(json.dumps(r) + "\n" for r in kept)
+    if text != path.read_text():  # replaced whole, so a kill now cannot lose the earlier rows
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return kept
 
 
 def _append_jsonl(path: Path, row: dict) -> None:
