@@ -268,10 +268,6 @@ def _read_yaml(path: Path) -> dict:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        if not text.strip()[:1] in ("[", "{", "'", '"'):
-            value = text  # a plain string YAML reads otherwise ("...", "%x"): taken as written
-            node[parts[-1]] = value
-            return
         where = getattr(err, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
         raise CardkitError(f"config file '{path}' is not valid YAML{line}: "
@@ -308,9 +304,8 @@ def _apply_override(raw: dict, defaults: dict, item: str) -> None:
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        if not text.strip()[:1] in ("[", "{", "'", '"'):
-            value = text  # a plain string YAML reads otherwise ("...", "%x"): taken as written
-            node[parts[-1]] = value
+        if text.strip()[:1] not in ("[", "{", "'", '"'):
+            node[parts[-1]] = text  # a plain string YAML reads otherwise ("...", "%x"), as written
             return
         where = getattr(err, "problem_mark", None)
         column = f" at column {where.column + 1}" if where else ""
