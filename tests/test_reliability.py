@@ -27,9 +27,11 @@ def tiny_config(tmp_path, name="tiny", **extra):
 
 
 def error_line(capsys):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("cardkit: error: "), err
-    return err[0]
+    """The one error line (log lines may come before it), and no traceback."""
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("cardkit: error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
 
 
 def snapshot(folder):
@@ -138,15 +140,20 @@ def test_quantizer_flags_without_bits_are_refused(tmp_path, capsys, flags, expec
     assert expected in error_line(capsys)
 
 
-def test_a_failed_download_leaves_no_empty_folder(tmp_path, monkeypatch):
+def test_a_failed_download_leaves_no_empty_folder(tmp_path, monkeypatch, capsys):
     def offline(url):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr("cardkit.data.download.open_url", offline)
     data_dir = tmp_path / "new" / "data"
+    config = tiny_config(tmp_path, data={"name": "mnist", "data_dir": str(data_dir), "download": True})
+    assert main(["run", str(config)]) == 2
+    assert "download failed" in error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]
+    # cifar10 downloads one archive into data_dir: the same holds.
     with pytest.raises(Exception, match="missing .* in .*download failed"):
-        load_dataset("mnist", data_dir, download=True)
-    assert not (tmp_path / "new").exists()
+        load_dataset("cifar10", data_dir, download=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]
 
 
 def test_corrupt_list_needs_no_out_and_survives_a_closed_pipe(tmp_path):

@@ -106,7 +106,7 @@ def run_pipeline(config: RunConfig, *, restart: bool = False, progress: bool = F
     run_dir = config.run_dir
     device = resolve_device(config.device)
     check_run_folder(run_dir)  # a folder of other files is refused before anything is touched
-    new_folder = not run_dir.exists()
+    missing = [p for p in [run_dir, *run_dir.parents] if not p.exists()]  # what the lock creates
     with run_lock(run_dir):
         try:
             if restart:
@@ -114,8 +114,8 @@ def run_pipeline(config: RunConfig, *, restart: bool = False, progress: bool = F
             _check_same_run(run_dir, config)
             splits = load_data(config)  # before the run is written: a data error leaves nothing behind
         except BaseException:
-            if new_folder:
-                shutil.rmtree(run_dir, ignore_errors=True)
+            if missing:
+                shutil.rmtree(missing[-1], ignore_errors=True)
             raise
         claim_run_folder(run_dir)
         _write_config(run_dir, config)
