@@ -238,3 +238,22 @@ def test_a_deck_name_of_dots_is_refused(tmp_path):
     deck.write_text(yaml.safe_dump({"name": "..", "cards": [{"checkpoint": "runs/x"}]}))
     with pytest.raises(CardkitError, match="name: given '..'; a run name of only dots"):
         load_deck_config(deck)
+
+
+def test_a_config_whose_aliases_expand_to_billions_is_refused(tmp_path, capsys):
+    lines = ['l0: &l0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]  # 9^9 values
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    assert main(["run", str(bomb)]) == 2
+    assert "expands to more than 100,000 values through its aliases" in error_line(capsys)
+    # Aliases as configs use them are fine.
+    shared = tmp_path / "shared.yaml"
+    shared.write_text("pretrain: {objective: &adv {name: pgd_at, steps: 3}}\nfinetune: {objective: *adv}\n")
+    from cardkit.config import load_config
+
+    assert load_config(shared).finetune.objective.steps == 3
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * (1 << 20) + "\n")
+    assert main(["run", str(big)]) == 2
+    assert "more than a config holds" in error_line(capsys)

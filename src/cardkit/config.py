@@ -25,6 +25,8 @@ ObjectiveConfig = Annotated[Union[tuple(OBJECTIVE_CONFIGS)], Field(discriminator
 MethodConfig = Annotated[Union[tuple(METHOD_CONFIGS)], Field(discriminator="name")]
 
 TRAIN_STAGES = ("pretrain", "prune", "finetune")
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_VALUES = 100_000  # keys and values after aliases expand; configs hold a few hundred
 STAGES = TRAIN_STAGES + ("evaluate",)
 
 
@@ -265,8 +267,13 @@ def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise CardkitError(f"config file '{path}' does not exist; give the path of a YAML file "
                            f"(e.g. configs/quickstart.yaml)")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise CardkitError(f"config file '{path}' has {path.stat().st_size:,} bytes, more than a config "
+                           f"holds ({MAX_CONFIG_BYTES:,}); give the YAML config, not a data file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        _check_expanded_size(yaml.compose(text), path)
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
@@ -281,6 +288,24 @@ def _read_yaml(path: Path) -> dict:
         raise CardkitError(f"config file '{path}' must hold a mapping of sections "
                            f"(data:, model:, ...), got a {type(raw).__name__}")
     return raw
+
+
+def _check_expanded_size(root: yaml.Node | None, path: Path) -> None:
+    """Refuse a file whose aliases expand to more values than any config has (a "billion laughs"
+    file of a few lines expands to 10^9): the size is counted on the node graph, unexpanded."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        if id(node) not in sizes:
+            sizes[id(node)] = 0  # a recursive alias counts once
+            children = node.value if isinstance(node.value, list) else []
+            items = [n for pair in children for n in pair] if isinstance(node, yaml.MappingNode) else children
+            sizes[id(node)] = 1 + sum(size(child) for child in items)
+        return sizes[id(node)]
+
+    if root is not None and size(root) > MAX_CONFIG_VALUES:
+        raise CardkitError(f"config file '{path}' expands to more than {MAX_CONFIG_VALUES:,} values through "
+                           f"its aliases (&name / *name); write the config out without nested aliases")
 
 
 def _apply_override(raw: dict, defaults: dict, item: str) -> None:
