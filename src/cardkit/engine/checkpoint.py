@@ -10,6 +10,7 @@ so a kill at any moment leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import uuid
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from cardkit.errors import CardkitError
@@ -26,6 +27,11 @@ from cardkit.fileio import file_digest
 
 FORMAT = "cardkit-checkpoint"
 VERSION = 1
+# A structured (channel-pruned) model is built from its full-size base, which its checkpoint does
+# not store; the base may need this much more than the stored tensors.
+STRUCTURED_BASE_BYTES = 1 << 30
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+                "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
 @dataclass
@@ -97,20 +103,80 @@ def load_checkpoint(path: str | Path, pointer: str = "last") -> Checkpoint:
                            f"give a run folder, a stage's checkpoints folder or a checkpoint folder")
     try:
         meta = json.loads(meta_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise CardkitError(f"checkpoint '{path}': meta.json is not valid JSON (truncated?); "
                            f"delete the folder to restart this stage") from None
-    if meta.get("format") != FORMAT:
-        raise CardkitError(f"'{path}' is not a cardkit checkpoint (format {meta.get('format')!r})")
-    if meta.get("version", 0) > VERSION:
-        raise CardkitError(f"checkpoint '{path}' has format version {meta['version']}, newer than "
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CardkitError(f"'{path}' is not a cardkit checkpoint (format {found!r})")
+    version = meta.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CardkitError(f"checkpoint '{path}': meta.json has a malformed format version {version!r} "
+                           f"(an integer >= 1 is expected); the checkpoint is corrupt or was edited")
+    if version > VERSION:
+        raise CardkitError(f"checkpoint '{path}' has format version {version}, newer than "
                            f"this cardkit reads ({VERSION}); upgrade cardkit")
     _verify_files(path, meta.get("files", {}))
+    check_architecture(path, meta.get("arch"))
     return Checkpoint(path, meta)
 
 
+def check_architecture(path: Path, arch: dict) -> None:
+    """Refuse an architecture record that does not fit the tensors `model.safetensors` stores,
+    before any model is built: the record is built on the meta device (no storage), stopped if it
+    grows past the stored tensors, and every entry it shares with the file must have the file's
+    shape. A structured record first builds its full-size base (`create_structured`), which may
+    exceed the stored tensors by the removed channels, up to `STRUCTURED_BASE_BYTES`."""
+    from cardkit.models import create_model
+    from cardkit.models.bounded import base_arch, build_on_meta, check_arch_record, state_shapes
+
+    what = f"checkpoint '{path}'"
+    arch = check_arch_record(arch, what)
+    stored = stored_shapes(path / "model.safetensors")
+    stored_bytes = sum(nbytes for _, nbytes in stored.values())
+    structured = "structured" in arch
+    allowed = max(stored_bytes, STRUCTURED_BASE_BYTES) if structured else stored_bytes
+    base = build_on_meta(lambda: create_model(**base_arch(arch)), entries=len(stored), nbytes=allowed, what=what)
+    built = state_shapes(base)
+    built_bytes = sum(nbytes for _, nbytes in built.values())
+    for name, (shape, _) in built.items():
+        fits = name not in stored or (
+            len(shape) == len(stored[name][0]) and all(s <= b for s, b in zip(stored[name][0], shape))
+            if structured else stored[name][0] == shape)
+        if not fits:
+            raise CardkitError(f"{what}: its architecture record makes {name} {shape}, but model.safetensors "
+                               f"stores it as {stored[name][0]}; the checkpoint is corrupt or was edited")
+    if built_bytes > allowed:
+        raise CardkitError(f"{what}: its architecture record describes a model of {built_bytes:,} bytes, "
+                           f"more than the {allowed:,} bytes model.safetensors justifies; the checkpoint "
+                           f"is corrupt or was edited")
+
+
+def stored_shapes(file: Path) -> dict[str, tuple[tuple[int, ...], int]]:
+    """(shape, bytes) of every tensor in a safetensors file, from its header (no tensor is read;
+    safetensors checks that the header's offsets cover the file exactly)."""
+    try:
+        with safe_open(file, framework="pt") as handle:
+            shapes = {}
+            for name in handle.keys():
+                part = handle.get_slice(name)
+                shape = tuple(part.get_shape())
+                shapes[name] = (shape, math.prod(shape) * _DTYPE_BYTES.get(part.get_dtype(), 8))
+            return shapes
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CardkitError(f"'{file}' cannot be read ({err}); the checkpoint is damaged") from None
+
+
 def _verify_files(path: Path, files: dict) -> None:
+    if not isinstance(files, dict) or not all(
+            isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)
+            for entry in files.values()):
+        raise CardkitError(f"checkpoint '{path}': meta.json lists its files in a malformed way; the "
+                           f"checkpoint is corrupt or was edited")
     for name, expected in files.items():
+        if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+            raise CardkitError(f"checkpoint '{path}': meta.json lists a file {name!r} outside the "
+                               f"checkpoint folder; the checkpoint is corrupt or was edited")
         file = path / name
         if not file.is_file():
             raise CardkitError(f"checkpoint '{path}' is incomplete: {name} is missing; delete the "
