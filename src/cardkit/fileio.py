@@ -13,3 +13,36 @@ def file_digest(path: Path, algorithm: str) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def output_file(path: Path, *, overwrite: bool = True, option: str = "the output path") -> Path:
+    """`path` checked as a file about to be written, before any work: refused in one line if it
+    is a folder, lies below something that is not a folder, or exists and `overwrite` is False."""
+    from cardkit.errors import CardkitError
+
+    path = Path(path)
+    if path.is_dir():
+        raise CardkitError(f"{option} '{path}' is a folder; give a file path, e.g. '{path / 'model.card'}'")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise CardkitError(f"{option} '{path}' already exists and is not overwritten; pass --force "
+                           f"(overwrite=True) to replace it, or give another path")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CardkitError(f"{option} '{path}' cannot be written: '{parent}' is a file, not a folder; "
+                                   f"give a path inside a folder")
+            break
+    return path
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to a hidden file beside `path` and rename it into place; on any failure the
+    hidden file is removed, so `path` is either untouched or complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
