@@ -179,6 +179,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="card: packed positions and codes, loaded by cardkit.load_artifact (default); "
                              "onnx: a dense ONNX model (needs the onnx extra)")
     export.add_argument("--best", action="store_true", help="use the best checkpoint instead of the last")
+    export.add_argument("--force", action="store_true", help="replace --out if it exists (default: refuse)")
     export.set_defaults(handler=_export)
 
     report = commands.add_parser("report", help="a results table of finished runs", epilog=EPILOG)
@@ -390,7 +391,8 @@ def _size(args) -> int:
 def _export(args) -> int:
     from cardkit.engine.export import export_checkpoint
 
-    result = export_checkpoint(args.checkpoint, args.out, args.format, "best" if args.best else "last")
+    result = export_checkpoint(args.checkpoint, args.out, args.format, "best" if args.best else "last",
+                               overwrite=args.force)
     print(f"wrote {result['out']}: {result['bytes']:,} bytes ({result['format']}); accounted size "
           f"{result['accounted_bytes']:,} bytes; dense fp32 {result['dense_bytes']:,} bytes "
           f"({result['compression_ratio']:.1f}x); loaded back, outputs differ by at most "

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from cardkit.errors import CardkitError
+from cardkit.fileio import output_file
 
 INSTALL = "ONNX export needs the onnx extra: pip install 'cardkit[onnx]' (onnx and onnxruntime)"
 
@@ -19,12 +20,18 @@ INSTALL = "ONNX export needs the onnx extra: pip install 'cardkit[onnx]' (onnx a
 def save_onnx(model: nn.Module, example: torch.Tensor, path: str | Path) -> int:
     """Write `model` (a plain, loaded model) as ONNX with a dynamic batch axis; returns the bytes."""
     _require("onnx")
-    path = Path(path)
+    path = output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter needs no onnxscript; torch flags it as legacy
-        torch.onnx.export(model.eval(), (example,), str(path), dynamo=False, input_names=["images"],
-                          output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    tmp = path.with_name(f".{path.name}.tmp")  # written whole, then renamed: never a half-written file
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter needs no onnxscript; torch flags it as legacy
+            torch.onnx.export(model.eval(), (example,), str(tmp), dynamo=False, input_names=["images"],
+                              output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path.stat().st_size
 
 

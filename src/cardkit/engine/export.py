@@ -10,6 +10,7 @@ from cardkit.compress.artifact import load_artifact, save_artifact
 from cardkit.compress.size import SizeReport, model_size
 from cardkit.engine.pipeline import _find_checkpoint, model_from_checkpoint
 from cardkit.errors import CardkitError
+from cardkit.fileio import output_file
 
 FORMATS = ("card", "onnx")
 
@@ -20,11 +21,15 @@ def size_checkpoint(path: str | Path, pointer: str = "last") -> tuple[Path, Size
     return checkpoint.path, model_size(model_from_checkpoint(checkpoint).eval())
 
 
-def export_checkpoint(path: str | Path, out: str | Path, fmt: str = "card", pointer: str = "last") -> dict:
+def export_checkpoint(path: str | Path, out: str | Path, fmt: str = "card", pointer: str = "last", *,
+                      overwrite: bool = False) -> dict:
     """Write a saved model as a compressed `.card` file (or ONNX), load it back and compare the
-    outputs on a random batch; returns the file's bytes, the accounted size and that difference."""
+    outputs on a random batch; returns the file's bytes, the accounted size and that difference.
+    An existing `out` is refused unless `overwrite` (results are never silently overwritten); a
+    folder, or a path below a file, is refused before any work is done."""
     if fmt not in FORMATS:
         raise CardkitError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
+    out = output_file(Path(out), overwrite=overwrite, option="--out")
     checkpoint = _find_checkpoint(Path(path), pointer)
     model = model_from_checkpoint(checkpoint).eval()
     size = model_size(model)
@@ -41,7 +46,7 @@ def export_checkpoint(path: str | Path, out: str | Path, fmt: str = "card", poin
     else:
         written = save_artifact(model, out)
         with torch.no_grad():
-            outputs = load_artifact(out)(x)
+            outputs = load_artifact(out, max_bytes=None)(x)  # the model just written, already in memory
     return {"checkpoint": str(checkpoint.path), "out": str(out), "format": fmt, "bytes": written,
             "accounted_bytes": size.bytes, "dense_bytes": size.dense_bits // 8,
             "compression_ratio": size.dense_bits / 8 / written,
@@ -53,6 +58,6 @@ def load_artifact_of(model: torch.nn.Module, out: str | Path) -> torch.nn.Module
     tmp = Path(out).with_name(f".{Path(out).name}.card.tmp")
     try:
         save_artifact(model, tmp)
-        return load_artifact(tmp)
+        return load_artifact(tmp, max_bytes=None)
     finally:
         tmp.unlink(missing_ok=True)
