@@ -24,6 +24,12 @@ TENSORS_PER_ENTRY, CALLS_PER_ENTRY, BYTES_FACTOR = 4, 64, 4
 BASE_TENSORS, BASE_CALLS, BASE_BYTES = 64, 2048, 1 << 20
 
 
+# In-place random fills change no shape; on the meta device they are skipped (torch's meta
+# kernel of normal_ goes through a decomposition whose first use imports sympy: seconds).
+_FILLS = {torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.bernoulli_, torch.Tensor.random_,
+          torch.Tensor.exponential_, torch.Tensor.geometric_, torch.Tensor.log_normal_, torch.Tensor.cauchy_}
+
+
 class _OverBudget(BaseException):
     """Raised inside the builder; a BaseException so that no `except Exception` in it swallows it."""
 
@@ -42,6 +48,8 @@ class _Budget(TorchFunctionMode):
         self.calls += 1
         if self.calls > self.limits[1]:
             raise _OverBudget(f"more than {self.limits[1]:,} torch calls")
+        if func in _FILLS and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            return args[0]
         out = func(*args, **(kwargs or {}))
         for tensor in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(tensor, torch.Tensor) and not tensor._is_view() and id(tensor) not in self._seen:
