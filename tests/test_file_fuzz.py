@@ -383,6 +383,39 @@ def test_a_widened_checkpoint_is_refused_before_its_model_is_built(tmp_path):
             model_from_checkpoint(_find_checkpoint(tmp_path, "last"))
 
 
+@pytest.mark.parametrize("rewrite", ["deflated", "legacy"])
+def test_an_optimizer_state_torch_save_never_writes_is_refused_before_torch_load(tmp_path, rewrite):
+    """A deflated zip entry makes torch allocate the size it claims before inflating it, and
+    the legacy format allocates storages at sizes its pickle claims."""
+    import zipfile
+
+    from cardkit.engine.checkpoint import _sha256, load_checkpoint, save_checkpoint
+    from cardkit.models import create_model
+
+    model = create_model("cnn_small", 10, 1, 8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.rand(2, 1, 8, 8)).sum().backward()
+    optimizer.step()
+    folder = save_checkpoint(tmp_path / "checkpoints", model_state=model.state_dict(),
+                             optimizer_state=optimizer.state_dict(),
+                             meta={"stage": "pretrain", "state": {"epoch": 1, "step": 1}, "arch": model.arch})
+    assert load_checkpoint(tmp_path / "checkpoints").optimizer_state() is not None
+    file = folder / "optimizer.pt"
+    if rewrite == "deflated":
+        with zipfile.ZipFile(file) as source:
+            records = [(info.filename, source.read(info)) for info in source.infolist()]
+        with zipfile.ZipFile(file, "w", zipfile.ZIP_DEFLATED) as target:
+            for name, data in records:
+                target.writestr(name, data)
+    else:
+        torch.save(optimizer.state_dict(), file, _use_new_zipfile_serialization=False)
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["files"]["optimizer.pt"] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CardkitError, match="torch.save"):
+        load_checkpoint(tmp_path / "checkpoints").optimizer_state()
+
+
 def test_checking_an_architecture_draws_no_random_numbers():
     from cardkit.models import create_model
     from cardkit.models.bounded import build_on_meta

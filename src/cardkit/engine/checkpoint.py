@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import uuid
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -46,6 +47,7 @@ class Checkpoint:
         file = self.path / "optimizer.pt"
         if not file.exists():
             return None
+        _check_torch_archive(file, self.path)
         try:
             return torch.load(file, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises several types for damaged files
@@ -165,6 +167,23 @@ def stored_shapes(file: Path) -> dict[str, tuple[tuple[int, ...], int]]:
             return shapes
     except (SafetensorError, OSError, ValueError) as err:
         raise CardkitError(f"'{file}' cannot be read ({err}); the checkpoint is damaged") from None
+
+
+def _check_torch_archive(file: Path, path: Path) -> None:
+    """Refuse what torch.save never writes before torch.load sees it: a zip archive with
+    compressed entries (torch allocates each entry's claimed size before inflating it) or
+    entries larger than the file, and the legacy format (it allocates storages at sizes the
+    pickle claims)."""
+    try:
+        with zipfile.ZipFile(file) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        raise CardkitError(f"checkpoint '{path}': optimizer.pt is not a zip archive written by torch.save "
+                           f"({err}); delete the checkpoint folder to restart this stage") from None
+    stored = all(e.compress_type == zipfile.ZIP_STORED and e.file_size == e.compress_size for e in entries)
+    if not stored or sum(e.file_size for e in entries) > file.stat().st_size:
+        raise CardkitError(f"checkpoint '{path}': optimizer.pt holds compressed or oversized entries, which "
+                           f"torch.save never writes; the checkpoint is corrupt or was edited")
 
 
 def _verify_files(path: Path, files: dict) -> None:
