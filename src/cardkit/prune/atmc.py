@@ -206,6 +206,7 @@ class AtmcGroup:
 
     def __init__(self, model: nn.Module, layers: list[AtmcLayer], config: AtmcConfig):
         self.model, self.layers, self.config = model, layers, config
+        self.scope = config.scope  # one budget over all layers and factors
         self.frozen = False
         self.dense_count = sum(math.prod(layer.weight_shape) for layer in layers)
         self.budget = 0 if config.sparsity is None else kept_count(self.dense_count, config.sparsity)
