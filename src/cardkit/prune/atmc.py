@@ -5,9 +5,15 @@ Every Conv2d / Linear weight W (out x fan_in) becomes W = U V + C: U (out x r) a
 start from W's truncated SVD and C = W - U V is the residual. The prune stage trains the factors
 theta = (U, V, C) under the robust loss with two constraints:
 
-- sparsity: at most k nonzeros over all factors of all layers together (one global budget). A
-  top-k magnitude projection sets the masks every `prune_interval` steps; in between, the forward
-  uses the masked factors and the gradient reaches every entry, so a pruned entry can come back.
+- sparsity: at most k nonzeros over all factors of all layers together (one global budget),
+  kept by projected SGD as in the paper: after every optimizer step theta is projected back onto
+  the constraint. Every `prune_interval` steps the projection is the global top-k of |theta|
+  (masks chosen anew); on the other steps it is onto the current masks (pruned entries set back
+  to zero), a cheaper projection onto a subset of the same constraint set. The gradient reaches
+  every entry, so a pruned entry that one step carries above the k-th magnitude comes back at
+  the next top-k. Pruned entries never keep a value between projections: one that drifted for
+  `prune_interval` steps on gradients taken while it was zero would enter the forward with a
+  value nothing has tested (on MNIST at 97% such a projection took the loss from 0.3 to 9).
 - quantization: each factor tensor takes at most 2^bits values (a k-means codebook whose first
   centre is fixed at zero). ADMM keeps a quantized duplicate Z = q(theta + Lambda) and a scaled
   dual Lambda, updated every `quant_interval` steps, and adds rho/2 ||theta - Z + Lambda||^2 to
@@ -249,6 +255,8 @@ class AtmcGroup:
             return
         if steps_done % self.config.prune_interval == 0:
             self.project(self.budget)
+        else:
+            self.enforce()  # projected onto the current masks: pruned entries do not drift
         if steps_done % self.config.quant_interval == 0:
             self.admm_update()
 
