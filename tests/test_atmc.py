@@ -309,7 +309,7 @@ def digits_config(tmp_path, **extra):
                  "prune.objective": "{name: pgd_at, steps: 2, clean_weight: 0.5, adversarial_weight: 0.5}",
                  "prune.optimizer": "{name: sgd, lr: 0.02, momentum: 0.9}",
                  "finetune.epochs": 1, "finetune.objective": "{name: pgd_at, steps: 2}",
-                 "finetune.optimizer.lr": 0.01, "evaluate.attack.steps": 3, **extra}
+                 "finetune.optimizer.lr": 0.01, "evaluate.attacks": "[{name: pgd, steps: 3}]", **extra}
     return validate_config({}, [f"{k}={v}" for k, v in overrides.items()])
 
 

@@ -36,7 +36,7 @@ pretrain:
   objective: {{name: pgd_at, steps: 3}}
   optimizer: {{name: adam, lr: 0.002}}
   checkpoint_every: 4
-evaluate: {{attack: {{steps: 10}}}}
+evaluate: {{attacks: [{{name: pgd, steps: 10}}]}}
 """)
     return config
 

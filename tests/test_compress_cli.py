@@ -36,7 +36,7 @@ data: {{name: mnist, data_dir: {shared}, download: false, train_size: 1000, test
 pretrain: {{epochs: 2, optimizer: {{name: adam, lr: 0.003}}}}
 prune: {{epochs: 1, optimizer: {{name: adam, lr: 0.01}}, methods: [{', '.join(VARIANTS.values())}]}}
 finetune: {{epochs: 1, optimizer: {{name: adam, lr: 0.001}}}}
-evaluate: {{attack: {{steps: 2}}}}
+evaluate: {{attacks: [{{name: pgd, steps: 2}}]}}
 """)
     out = run_cli("run", config, "--no-progress")
     return tmp, config, out.stdout

@@ -25,7 +25,7 @@ data: {{name: mnist, data_dir: {shared_data}, download: false, train_size: 1000,
 pretrain: {{epochs: 2, augment: {augment}, optimizer: {{name: adam, lr: 0.003}}}}
 prune: {{methods: [{{name: magnitude, sparsity: 0.9}}]}}
 finetune: {{epochs: 1, augment: {augment}, optimizer: {{name: adam, lr: 0.001}}}}
-evaluate: {{attack: {{steps: 2}}, corruption: {corruption}}}
+evaluate: {{attacks: [{{name: pgd, steps: 2}}], corruption: {corruption}}}
 """)
     return config
 

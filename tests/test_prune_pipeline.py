@@ -23,7 +23,7 @@ def digits_config(tmp_path, **extra):
                  "pretrain.epochs": 4, "pretrain.optimizer.name": "adam", "pretrain.optimizer.lr": 0.01,
                  "prune.methods": METHODS, "prune.epochs": 2, "prune.objective.name": "pgd_at",
                  "prune.objective.steps": 2, "finetune.epochs": 2, "finetune.objective.name": "pgd_at",
-                 "finetune.objective.steps": 2, "finetune.optimizer.lr": 0.01, "evaluate.attack.steps": 3,
+                 "finetune.objective.steps": 2, "finetune.optimizer.lr": 0.01, "evaluate.attacks": "[{name: pgd, steps: 3}]",
                  **extra}
     return validate_config({}, [f"{k}={v}" for k, v in overrides.items()])
 
@@ -133,7 +133,7 @@ def test_hydra_beats_lwm_at_99_percent_on_mnist(tmp_path, shared_data):
         "prune.optimizer": "{name: sgd, lr: 0.1, momentum: 0.9, weight_decay: 1.0e-4}",
         "finetune.epochs": 3, "finetune.objective": "{name: pgd_at, steps: 5}",
         "finetune.optimizer": "{name: adam, lr: 0.001, weight_decay: 0}",
-        "evaluate.checkpoint": "last", "evaluate.attack.steps": 10,
+        "evaluate.checkpoint": "last", "evaluate.attacks": "[{name: pgd, steps: 10}]",
     }
     config = validate_config({}, [f"{k}={v}" for k, v in overrides.items()])
     result = {e.variant: e.robustness for e in run_pipeline(config).evaluations}

@@ -20,7 +20,7 @@ def tiny_config(tmp_path, name="tiny", **extra):
     """A run of a few seconds on digits."""
     config = {"name": name, "output_dir": str(tmp_path / "runs"), "pipeline": ["pretrain", "evaluate"],
               "data": {"name": "digits", "train_size": 100, "test_size": 50, "batch_size": 50},
-              "pretrain": {"epochs": 1, "eval_samples": 50}, "evaluate": {"attack": {"steps": 1}}, **extra}
+              "pretrain": {"epochs": 1, "eval_samples": 50}, "evaluate": {"attacks": [{"name": "pgd", "steps": 1}]}, **extra}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

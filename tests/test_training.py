@@ -16,9 +16,18 @@ def small_config(tmp_path, **extra):
     overrides = {"name": "t", "output_dir": str(tmp_path), "data.train_size": 300, "data.val_size": 100,
                  "data.batch_size": 50, "pretrain.epochs": 10, "pretrain.objective.name": "pgd_at",
                  "pretrain.objective.steps": 2, "pretrain.eval_pgd_steps": 2, "pretrain.optimizer.name": "adam", "pretrain.optimizer.lr": 0.01,
-                 "pretrain.schedule.warmup_epochs": 1, "data.crop_padding": 1, "evaluate.attack.steps": 5,
+                 "pretrain.schedule.warmup_epochs": 1, "data.crop_padding": 1, "evaluate.attacks": "[{name: pgd, steps: 5}]",
                  "threat.eps": 0.1, **extra}
     return validate_config({}, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def timeless(result):
+    """A robustness result without its timings."""
+    data = result.to_dict()
+    del data["seconds"]
+    for stage in data["stages"]:
+        del stage["seconds"]
+    return data
 
 
 def final_weights(run_dir):
@@ -67,13 +76,13 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, monkeypatch, referenc
     for key in weights:
         assert torch.equal(weights[key], ref_weights[key]), key
     ours, theirs = result.evaluations[0].robustness, ref_result.evaluations[0].robustness
-    assert ours == theirs.__class__(**{**theirs.to_dict(), "seconds": ours.seconds})
+    assert timeless(ours) == timeless(theirs)
     rows = [json.loads(line) for line in (config.run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, 11))
     # A resumed epoch's training loss and accuracy average all of its batches, as uninterrupted.
     ref_rows = [json.loads(line) for line in (reference[0].run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
-    timeless = lambda row: {k: v for k, v in row.items() if k != "seconds"}  # noqa: E731
-    assert [timeless(r) for r in rows] == [timeless(r) for r in ref_rows]
+    untimed = lambda row: {k: v for k, v in row.items() if k != "seconds"}  # noqa: E731
+    assert [untimed(r) for r in rows] == [untimed(r) for r in ref_rows]
 
 
 def test_outputs_and_pgd_below_clean(reference):
@@ -101,8 +110,8 @@ def test_rerun_of_finished_run_is_a_no_op_and_changed_config_is_refused(referenc
     with pytest.raises(CardkitError, match="different config.*seed.*--restart"):
         run_pipeline(changed)
     # Evaluation settings and the stage list may change: the trained stage is reused.
-    evaluated = validate_config(config.model_dump(), ["evaluate.attack.steps=3", "pipeline=[pretrain, evaluate]"])
-    assert run_pipeline(evaluated).evaluations[0].robustness.steps == 3
+    evaluated = validate_config(config.model_dump(), ["evaluate.attacks=[{name: pgd, steps: 3}]", "pipeline=[pretrain, evaluate]"])
+    assert [s.attack for s in run_pipeline(evaluated).evaluations[0].robustness.stages] == ["pgd-3"]
 
 
 @pytest.mark.parametrize("at_step,where,kept", [

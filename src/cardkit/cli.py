@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -70,10 +71,16 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", required=True, metavar="DIR",
                           help="a run folder (runs/NAME), a stage's checkpoints folder or a checkpoint folder")
     evaluate.add_argument("--best", action="store_true", help="use the best checkpoint instead of the last")
+    evaluate.add_argument("--attack", nargs="+", choices=["pgd", "autoattack"], metavar="NAME",
+                          help="attacks run in order on the points still robust, e.g. pgd autoattack "
+                               "(default: the run's evaluate.attacks)")
     evaluate.add_argument("--eps", help="attack radius, e.g. 0.3 or 8/255 (default: the run's threat)")
-    evaluate.add_argument("--norm", choices=["linf", "l2"], help="attack norm (default: the run's threat)")
+    evaluate.add_argument("--norm", choices=["linf", "l2", "l1"], help="attack norm (default: the run's threat)")
     evaluate.add_argument("--steps", type=int, help="PGD steps")
     evaluate.add_argument("--restarts", type=int, help="PGD restarts")
+    evaluate.add_argument("--step-size", help="PGD step size (default 2.5 eps / steps)")
+    evaluate.add_argument("--loss", choices=["ce", "dlr", "cw"], help="PGD loss")
+    evaluate.add_argument("--version", choices=["standard", "plus", "rand"], help="AutoAttack version")
     evaluate.add_argument("--samples", type=int, help="evaluate on this many samples of the split")
     evaluate.add_argument("--split", choices=["test", "val"], help="data split")
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -233,14 +240,34 @@ def _train(args) -> int:
 def _evaluate(args) -> int:
     from cardkit.engine import evaluate_checkpoint
 
-    flags = {"eps": "evaluate.attack.eps", "norm": "evaluate.attack.norm",
-             "steps": "evaluate.attack.steps", "restarts": "evaluate.attack.restarts",
-             "samples": "evaluate.samples", "split": "evaluate.split"}
+    flags = {"samples": "evaluate.samples", "split": "evaluate.split"}
     overrides = list(args.overrides) + [f"{key}={getattr(args, flag)}" for flag, key in flags.items()
                                         if getattr(args, flag) is not None]
+    attacks = _attack_list(args)
+    if attacks is not None:
+        overrides.append(f"evaluate.attacks={json.dumps(attacks)}")
     result = evaluate_checkpoint(args.checkpoint, overrides, pointer="best" if args.best else "last")
     _print_result(result)
     return 0
+
+
+def _attack_list(args) -> list[dict] | None:
+    """evaluate.attacks from --attack and the attack flags; None keeps the run's own list."""
+    pgd = {k: getattr(args, k) for k in ("steps", "restarts", "step_size", "loss") if getattr(args, k) is not None}
+    aa = {"version": args.version} if args.version else {}
+    budget = {k: getattr(args, k) for k in ("eps", "norm") if getattr(args, k) is not None}
+    names = args.attack or (["pgd"] if pgd else []) + (["autoattack"] if aa else [])
+    if not names:
+        if budget:
+            raise CardkitError("--eps and --norm set an attack's budget: name the attacks with --attack, "
+                               "e.g. --attack pgd autoattack")
+        return None
+    settings = {"pgd": pgd, "autoattack": aa}
+    for name, own in settings.items():
+        if own and name not in names:
+            raise CardkitError(f"--{next(iter(own)).replace('_', '-')} applies to {name}, which --attack does "
+                               f"not list; add it: --attack {' '.join(names + [name])}")
+    return [{"name": name, **settings[name], **budget} for name in names]
 
 
 def _certify(args) -> int:
@@ -424,17 +451,20 @@ def _report(args) -> int:
 
 
 RESULT_HEADER = ["run", "data", "model", "variant", "sparsity", "split", "samples", "clean acc",
-                 "robust acc", "attack", "verified acc", "corruption acc", "kept params", "size (bytes)",
+                 "robust acc", "attack", "robust acc after each attack", "verified acc", "corruption acc", "kept params", "size (bytes)",
                  "compression"]
 
 
 def _result_row(run: str, dataset: str, variant: str, model: dict, ev: dict,
                 verified: list[dict] = (), corruption: dict | None = None) -> list[str]:
-    robust = "-" if ev["robust_accuracy"] is None else f"{ev['robust_accuracy']:.4f}"
-    attack = "-" if ev["steps"] == 0 else (
-        f"{ev['attack']} x{ev['restarts']}, {ev['norm']} eps {ev['eps']:.4g}")
-    return [run, dataset, model["name"], variant, f"{model.get('sparsity', 0.0):.4f}", ev["split"],
-            str(ev["samples"]), f"{ev['clean_accuracy']:.4f}", robust, attack,
+    from cardkit.eval import RobustnessResult
+
+    result = RobustnessResult.from_dict(ev)
+    robust = "-" if result.robust_accuracy is None else f"{result.robust_accuracy:.4f}"
+    attack = "-" if result.robust_accuracy is None else result.attack
+    stages = " > ".join(f"{s.attack} {s.robust_accuracy:.4f}" for s in result.stages) if len(result.stages) > 1 else "-"
+    return [run, dataset, model["name"], variant, f"{model.get('sparsity', 0.0):.4f}", result.split,
+            str(result.samples), f"{result.clean_accuracy:.4f}", robust, attack, stages,
             ", ".join(f"{v['method']} {v['verified_accuracy']:.4f}" for v in verified) or "-",
             _corruption_cell(corruption),
             f"{model.get('kept_parameters', model['parameters']):,}", f"{model['size_bytes']:,}",

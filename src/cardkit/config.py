@@ -14,6 +14,7 @@ import yaml
 from pydantic import (Field, NonNegativeFloat, NonNegativeInt, PositiveInt, ValidationError,
                       field_validator, model_validator)
 
+from cardkit.attacks import ATTACK_CONFIGS, AutoAttackConfig, PGDAttackConfig
 from cardkit.config_base import Section
 from cardkit.errors import CardkitError
 from cardkit.numbers import Number
@@ -22,6 +23,7 @@ from cardkit.objectives.augment import AUGMENT_CONFIGS, DOMAIN_CONFIGS, AugmentC
 from cardkit.prune import METHOD_CONFIGS
 
 ObjectiveConfig = Annotated[Union[tuple(OBJECTIVE_CONFIGS)], Field(discriminator="name")]
+AttackConfig = Annotated[Union[tuple(ATTACK_CONFIGS)], Field(discriminator="name")]
 MethodConfig = Annotated[Union[tuple(METHOD_CONFIGS)], Field(discriminator="name")]
 
 TRAIN_STAGES = ("pretrain", "prune", "finetune")
@@ -123,14 +125,6 @@ class PruneStageConfig(TrainStageConfig):
     methods: list[MethodConfig] = Field(default_factory=list)
 
 
-class AttackConfig(Section):
-    steps: PositiveInt = 20
-    restarts: PositiveInt = 1
-    step_size: Optional[Number] = Field(None, gt=0)
-    eps: Optional[Number] = Field(None, ge=0)
-    norm: Optional[Literal["linf", "l2"]] = None
-
-
 class CorruptionEvalConfig(Section):
     """Accuracy under common corruptions (off while `names` is empty)."""
 
@@ -158,10 +152,22 @@ class CorruptionEvalConfig(Section):
 
 
 class EvaluateConfig(Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _one_pgd_attack(cls, data):
+        """`attack: {steps, restarts, ...}`, written before attack lists existed, is one PGD attack."""
+        if isinstance(data, dict) and isinstance(data.get("attack"), dict):
+            if "attacks" in data:
+                raise ValueError("give evaluate.attacks (a list) or the older evaluate.attack, not both")
+            data = {**{k: v for k, v in data.items() if k != "attack"},
+                    "attacks": [{"name": "pgd", **data["attack"]}]}
+        return data
+
     split: Literal["test", "val"] = "test"
     samples: Optional[PositiveInt] = None
     checkpoint: Literal["last", "best"] = "last"
-    attack: AttackConfig = Field(default_factory=AttackConfig)
+    # run in order, each on the points every earlier attack failed on (RobustBench's bookkeeping)
+    attacks: list[AttackConfig] = Field(default_factory=lambda: [PGDAttackConfig(), AutoAttackConfig()])
     verify: list[Literal["ibp", "crown_ibp", "crown"]] = Field(default_factory=list)  # Linf bounds
     verify_eps: Optional[Number] = Field(None, ge=0)  # default: the threat's eps
     corruption: CorruptionEvalConfig = Field(default_factory=CorruptionEvalConfig)
@@ -368,8 +374,10 @@ def _describe(err: ValidationError, raw: dict, root: type[Section]) -> str:
         hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
         return f"unknown config key '{key}'; {hint}valid keys here: {', '.join(valid)}{more}"
     if kind == "union_tag_invalid":
-        what = {"objective": "objective", "augment": "augmentation", "domain": "domain"}.get(loc[-1], "pruning method")
-        names = [c.model_fields["name"].default for c in _tagged_configs(loc[-1])]
+        owner = loc[-2] if loc[-1].isdigit() and len(loc) > 1 else loc[-1]
+        what = {"objective": "objective", "augment": "augmentation", "domain": "domain",
+                "attacks": "attack"}.get(owner, "pruning method")
+        names = [c.model_fields["name"].default for c in _tagged_configs(loc)]
         given = first["input"].get("name") if isinstance(first["input"], dict) else first["input"]
         close = difflib.get_close_matches(str(given), names, n=2)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
@@ -384,25 +392,26 @@ def _objective_names() -> list[str]:
     return [cls.model_fields["name"].default for cls in OBJECTIVE_CONFIGS]
 
 
-def _tagged_configs(parent: str) -> list:
-    """The config classes of a tagged union found under the key `parent`."""
-    if parent in ("augment", "domain"):
-        return list(AUGMENT_CONFIGS if parent == "augment" else DOMAIN_CONFIGS)
-    return OBJECTIVE_CONFIGS if parent == "objective" else METHOD_CONFIGS if parent.isdigit() else []
+def _tagged_configs(path: list[str]) -> list:
+    """The config classes of a tagged union at `path` (a key, or an item of a list of sections)."""
+    parent = path[-1]
+    if parent.isdigit():
+        return {"methods": METHOD_CONFIGS, "attacks": ATTACK_CONFIGS}.get(path[-2] if len(path) > 1 else "", [])
+    return {"augment": AUGMENT_CONFIGS, "domain": DOMAIN_CONFIGS, "objective": OBJECTIVE_CONFIGS}.get(parent, [])
 
 
 def _is_tag(before: list[str], part: str) -> bool:
     """Tagged unions add the tag to an error's location (pretrain.objective.pgd_at.steps)."""
     if not before:
         return False
-    return part in [c.model_fields["name"].default for c in _tagged_configs(before[-1])]
+    return part in [c.model_fields["name"].default for c in _tagged_configs(before)]
 
 
 def _valid_keys(loc: list[str], root: type[Section]) -> list[str]:
     model = root
     for i, part in enumerate(loc):
         if _is_tag(loc[:i], part):
-            model = next(c for c in _tagged_configs(loc[i - 1]) if c.model_fields["name"].default == part)
+            model = next(c for c in _tagged_configs(loc[:i]) if c.model_fields["name"].default == part)
             continue
         if part.isdigit():  # an item of a list of sections
             continue

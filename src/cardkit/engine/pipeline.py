@@ -28,12 +28,13 @@ import torch
 import yaml
 from torch import nn
 
-from cardkit.attacks import Threat
+from cardkit.attacks import PGDAttackConfig, Threat
 from cardkit.config import (STAGES, TRAIN_STAGES, PruneStageConfig, RunConfig, TrainStageConfig, dump_config,
                             validate_config)
 from cardkit.compress import SizeReport, model_size
 from cardkit.config_base import Section
 from cardkit.data import ArrayDataset, Augmentation, BatchLoader, DatasetSplits, load_dataset
+from cardkit.engine.evalstate import evaluation_key, load_state, save_state
 from cardkit.engine.rundir import check_run_folder, claim_run_folder, clear_run_folder, run_lock
 from cardkit.engine.checkpoint import (Checkpoint, has_checkpoint, load_checkpoint,
                                        save_checkpoint, write_json_atomic)
@@ -388,12 +389,14 @@ def _train_stage(run: _Run, stage: str, folder: Path, model: nn.Module, *, stage
                          memory_format=memory_format)
     eval_split = "val" if run.splits.val is not None else "test"
     eval_data = _subset(getattr(run.splits, eval_split), stage_config.eval_samples, config.seed)
-    eval_loader = BatchLoader(eval_data, config.data.eval_batch_size, device=run.device)
     threat = Threat(config.threat.norm, config.threat.eps)
 
+    selection = [PGDAttackConfig(steps=stage_config.eval_pgd_steps)] if stage_config.eval_pgd_steps else []
+
     def evaluate(net):
-        return evaluate_robustness(net, eval_loader.epoch(), threat, steps=stage_config.eval_pgd_steps,
-                                   split=eval_split)
+        return evaluate_robustness(net, eval_data.images, eval_data.labels, threat, selection,
+                                   split=eval_split, batch_size=config.data.eval_batch_size,
+                                   seed=config.seed, checks=False)
 
     def save(state: TrainState, row: dict | None, is_best: bool):
         if before_save is not None:
@@ -454,12 +457,16 @@ def _evaluate(run: _Run, variant: str, model: nn.Module, folder: Path,
     ev = config.evaluate
     data = _subset(getattr(run.splits, ev.split), ev.samples, config.seed)
     loader = BatchLoader(data, config.data.eval_batch_size, device=run.device)
-    threat = Threat(ev.attack.norm or config.threat.norm,
-                    config.threat.eps if ev.attack.eps is None else ev.attack.eps)
-    torch.manual_seed(config.seed)
-    result = evaluate_robustness(model, loader.epoch(), threat, steps=ev.attack.steps,
-                                 restarts=ev.attack.restarts, step_size=ev.attack.step_size,
-                                 split=ev.split)
+    threat = Threat(config.threat.norm, config.threat.eps)
+    state_file = folder / "evaluate" / "attack-state.safetensors"
+    key = evaluation_key({"checkpoint": str(checkpoint.path), "split": ev.split, "samples": len(data),
+                          "seed": config.seed, "threat": [threat.norm, threat.eps],
+                          "attacks": [a.model_dump(mode="json") for a in ev.attacks]})
+    result = evaluate_robustness(model, data.images, data.labels, threat, ev.attacks, split=ev.split,
+                                 batch_size=config.data.eval_batch_size, seed=config.seed,
+                                 resume=load_state(state_file, key),
+                                 save=lambda state: save_state(state_file, key, state))
+    state_file.unlink(missing_ok=True)
     verified = [verified_accuracy(model, loader.epoch(), _verify_eps(config), method, ev.split)
                 for method in ev.verify]
     corruption = _evaluate_corruptions(run, model, data) if ev.corruption.names else None

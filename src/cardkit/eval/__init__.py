@@ -1,5 +1,5 @@
 """Evaluation: typed results measured on a named split."""
 
-from cardkit.eval.robustness import RobustnessResult, evaluate_robustness
+from cardkit.eval.robustness import RobustnessResult, StageResult, evaluate_robustness
 
-__all__ = ["RobustnessResult", "evaluate_robustness"]
+__all__ = ["RobustnessResult", "StageResult", "evaluate_robustness"]
