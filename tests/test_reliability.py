@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import urllib.error
+from pathlib import Path
 
 import pytest
 import yaml
@@ -257,3 +258,22 @@ def test_a_config_whose_aliases_expand_to_billions_is_refused(tmp_path, capsys):
     big.write_text("# " + "x" * (1 << 20) + "\n")
     assert main(["run", str(big)]) == 2
     assert "more than a config holds" in error_line(capsys)
+
+
+def test_variants_start_from_the_dense_checkpoint_the_report_shows(tmp_path, capsys):
+    from cardkit.engine.checkpoint import load_checkpoint
+
+    config = tiny_config(tmp_path, pretrain={"epochs": 3, "eval_samples": 50, "eval_pgd_steps": 1},
+                         evaluate={"checkpoint": "best", "attacks": [{"name": "pgd", "steps": 1}]})
+    assert main(["run", str(config), "--no-progress"]) == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    dense = json.loads((run_dir / "evaluate" / "metrics.json").read_text())["checkpoint"]
+    assert main(["prune", "--checkpoint", str(run_dir), "--method", "magnitude", "--sparsity", "0.5",
+                 "--no-finetune", "--no-progress"]) == 0
+    variant = load_checkpoint(run_dir / "magnitude-0.5" / "prune" / "checkpoints")
+    assert run_dir / variant.meta["parent"] == Path(dense)
+    assert Path(dense) == load_checkpoint(run_dir / "pretrain" / "checkpoints", "best").path
+    # cardkit evaluate follows evaluate.checkpoint too, unless --best / the config says otherwise.
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(run_dir)]) == 0
+    assert json.loads((run_dir / "evaluate" / "metrics.json").read_text())["checkpoint"] == dense

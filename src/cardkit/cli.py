@@ -70,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
                                    epilog=EPILOG)
     evaluate.add_argument("--checkpoint", required=True, metavar="DIR",
                           help="a run folder (runs/NAME), a stage's checkpoints folder or a checkpoint folder")
-    evaluate.add_argument("--best", action="store_true", help="use the best checkpoint instead of the last")
+    evaluate.add_argument("--best", action="store_true",
+                          help="use the best checkpoint (default: the run's evaluate.checkpoint)")
     evaluate.add_argument("--attack", nargs="+", choices=["pgd", "autoattack"], metavar="NAME",
                           help="attacks run in order on the points still robust, e.g. pgd autoattack "
                                "(default: the run's evaluate.attacks)")
@@ -246,7 +247,7 @@ def _evaluate(args) -> int:
     attacks = _attack_list(args)
     if attacks is not None:
         overrides.append(f"evaluate.attacks={json.dumps(attacks)}")
-    result = evaluate_checkpoint(args.checkpoint, overrides, pointer="best" if args.best else "last")
+    result = evaluate_checkpoint(args.checkpoint, overrides, pointer="best" if args.best else None)
     _print_result(result)
     return 0
 

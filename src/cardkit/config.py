@@ -123,6 +123,8 @@ class PruneStageConfig(TrainStageConfig):
     model; methods that train (HYDRA's scores) use this stage's epochs, objective and optimizer."""
 
     methods: list[MethodConfig] = Field(default_factory=list)
+    # the pretrain checkpoint every variant starts from; null: the one evaluated (evaluate.checkpoint)
+    start_from: Optional[Literal["last", "best"]] = None
 
 
 class CorruptionEvalConfig(Section):
@@ -155,12 +157,11 @@ class EvaluateConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _one_pgd_attack(cls, data):
-        """`attack: {steps, restarts, ...}`, written before attack lists existed, is one PGD attack."""
+        """`attack: {steps, restarts, ...}`, written before attack lists existed, is one PGD attack
+        (a stored run's old `attack` gives way to an `attacks` list set on top of it)."""
         if isinstance(data, dict) and isinstance(data.get("attack"), dict):
-            if "attacks" in data:
-                raise ValueError("give evaluate.attacks (a list) or the older evaluate.attack, not both")
-            data = {**{k: v for k, v in data.items() if k != "attack"},
-                    "attacks": [{"name": "pgd", **data["attack"]}]}
+            attacks = data.get("attacks", [{"name": "pgd", **data["attack"]}])
+            data = {**{k: v for k, v in data.items() if k != "attack"}, "attacks": attacks}
         return data
 
     split: Literal["test", "val"] = "test"

@@ -150,10 +150,14 @@ def _run_variant(run: _Run, method: Section, index: int, result: RunResult) -> N
     stage_id = lambda stage: STAGES.index(stage) + 100 * (index + 1)  # noqa: E731
 
     model = run.fresh_model()
-    load_model_state(model, load_checkpoint(config.run_dir / "pretrain" / "checkpoints"))
+    # The dense model the report shows is the one every variant starts from.
+    parent = load_checkpoint(config.run_dir / "pretrain" / "checkpoints",
+                             config.prune.start_from or config.evaluate.checkpoint)
+    load_model_state(model, parent)
     setup = prune_model(model, method)
     _warn_thin_layers(method, setup)
-    model, meta = setup.model, {"pruning": method.model_dump(mode="json")}
+    model = setup.model
+    meta = {"pruning": method.model_dump(mode="json"), "parent": str(parent.path.relative_to(config.run_dir))}
     source = "prune"
     if isinstance(method, LotteryConfig):
         _lottery_rounds(run, method, folder, model, setup.group, meta, stage_id("prune"), result)
@@ -248,10 +252,13 @@ def prune_checkpoint(path: str | Path, method: Section, overrides: list[str] = (
     return run_pipeline(config, progress=progress, evaluate_dense=False)
 
 
-def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), *, pointer: str = "last") -> RunResult:
-    """Evaluate a saved model with the config stored beside it (overrides apply to it)."""
-    checkpoint = _find_checkpoint(Path(path), pointer)
+def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), *, pointer: str | None = None) -> RunResult:
+    """Evaluate a saved model with the config stored beside it (overrides apply to it); `pointer`
+    picks the last or best checkpoint of a stage, by default the config's evaluate.checkpoint."""
+    checkpoint = _find_checkpoint(Path(path), pointer or "last")
     config = validate_config(checkpoint.meta["config"], list(overrides))
+    if pointer is None and config.evaluate.checkpoint != "last":
+        checkpoint = _find_checkpoint(Path(path), config.evaluate.checkpoint)
     device = resolve_device(config.device)
     run = _Run(config, load_data(config), device, progress=False)
     model = model_from_checkpoint(checkpoint).to(device)
