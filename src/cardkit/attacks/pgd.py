@@ -58,10 +58,12 @@ def dlr_loss(logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tenso
     if logits.shape[1] < need:
         raise ValueError(f"the {'targeted ' if target is not None else ''}DLR loss needs at least "
                          f"{need} classes, the model has {logits.shape[1]}: use loss='cw' or 'ce'")
-    top = logits.topk(need, dim=1).values
+    logits = logits.float()  # the 1e-12 guard vanishes in half precision
+    top, index = logits.topk(need, dim=1)
     z_y = logits.gather(1, y[:, None])[:, 0]
     if target is None:
-        return -(z_y - _max_other(logits, y)) / (top[:, 0] - top[:, 2] + 1e-12)
+        max_other = torch.where(index[:, 0] == y, top[:, 1], top[:, 0])
+        return -(z_y - max_other) / (top[:, 0] - top[:, 2] + 1e-12)
     z_t = logits.gather(1, target[:, None])[:, 0]
     return -(z_y - z_t) / (top[:, 0] - (top[:, 2] + top[:, 3]) / 2 + 1e-12)
 
