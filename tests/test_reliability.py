@@ -277,3 +277,20 @@ def test_variants_start_from_the_dense_checkpoint_the_report_shows(tmp_path, cap
     capsys.readouterr()
     assert main(["evaluate", "--checkpoint", str(run_dir)]) == 0
     assert json.loads((run_dir / "evaluate" / "metrics.json").read_text())["checkpoint"] == dense
+
+
+def test_a_run_finds_its_data_from_another_folder(tmp_path, shared_data, monkeypatch, capsys):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    shutil.copytree(shared_data / "mnist", tmp_path / "data" / "mnist")
+    config = tiny_config(tmp_path, data={"name": "mnist", "data_dir": "data", "download": False,
+                                         "train_size": 100, "test_size": 50, "batch_size": 50})
+    assert main(["run", str(config), "--no-progress"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "runs" / "tiny")]) == 0
+    stored = yaml.safe_load((tmp_path / "runs" / "tiny" / "config.yaml").read_text())
+    assert stored["data"]["data_dir"] == str(tmp_path / "data")

@@ -255,7 +255,18 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     """Read a YAML config (or the defaults when path is None), apply `key.path=value` overrides,
     and validate."""
     raw = _read_yaml(Path(path)) if path is not None else {}
-    return validate_config(raw, overrides)
+    return resolve_paths(validate_config(raw, overrides))
+
+
+def resolve_paths(config: RunConfig) -> RunConfig:
+    """Data paths made absolute (against the working folder they were given in), so that the run
+    folder's stored config finds its data from any folder later."""
+    data, corruption = config.data, config.evaluate.corruption
+    data.data_dir = str(Path(data.data_dir).expanduser().resolve())
+    for key in ("suite", "baseline"):
+        if getattr(corruption, key) is not None:
+            setattr(corruption, key, str(Path(getattr(corruption, key)).expanduser().resolve()))
+    return config
 
 
 def validate_config(raw: dict, overrides: list[str] = ()) -> RunConfig:
