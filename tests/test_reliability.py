@@ -294,3 +294,21 @@ def test_a_run_finds_its_data_from_another_folder(tmp_path, shared_data, monkeyp
     assert main(["evaluate", "--checkpoint", str(tmp_path / "runs" / "tiny")]) == 0
     stored = yaml.safe_load((tmp_path / "runs" / "tiny" / "config.yaml").read_text())
     assert stored["data"]["data_dir"] == str(tmp_path / "data")
+
+
+def test_a_later_evaluation_keeps_the_earlier_result_and_the_report_dates_it(tmp_path, capsys):
+    config = tiny_config(tmp_path)
+    assert main(["run", str(config), "--no-progress"]) == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    first = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    assert main(["evaluate", "--checkpoint", str(run_dir), "--attack", "pgd", "--steps", "2"]) == 0
+    assert main(["evaluate", "--checkpoint", str(run_dir), "--attack", "pgd", "--steps", "3"]) == 0
+    history = sorted(p.name for p in (run_dir / "evaluate" / "history").iterdir())
+    assert history == ["0001-metrics.json", "0002-metrics.json"]
+    assert json.loads((run_dir / "evaluate" / "history" / "0001-metrics.json").read_text()) == first
+    latest = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    assert latest["robustness"]["attack"] == "pgd-3, linf eps 0.1"
+    capsys.readouterr()
+    assert main(["report", str(run_dir)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].rstrip().endswith("evaluated (UTC)") and latest["recorded_at"] in table[2]

@@ -446,8 +446,9 @@ def _report(args) -> int:
     from cardkit.engine import read_results
 
     rows = [_result_row(r["run"], r["dataset"], r.get("variant", "dense"), r["model"], r["robustness"],
-                        r.get("verified", []), r.get("corruption")) for r in read_results(args.runs)]
-    print(format_table(RESULT_HEADER, rows, markdown=args.markdown))
+                        r.get("verified", []), r.get("corruption")) + [r.get("recorded_at", "-")]
+            for r in read_results(args.runs)]
+    print(format_table(RESULT_HEADER + ["evaluated (UTC)"], rows, markdown=args.markdown))
     return 0
 
 

@@ -16,6 +16,7 @@ import shutil
 import uuid
 import zipfile
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
@@ -236,6 +237,19 @@ def _write_atomic(path: Path, text: str) -> None:
 def write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(path, json.dumps(data, indent=2))
+
+
+def record_result(path: Path, data: dict) -> Path:
+    """Write a result file without losing the one it replaces: an earlier result moves to
+    `history/NNNN-<name>` beside it first (numbered in order), then the new one is written."""
+    data = {**data, "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if path.is_file():
+        history = path.parent / "history"
+        history.mkdir(parents=True, exist_ok=True)
+        number = 1 + max((int(f.name.split("-", 1)[0]) for f in history.glob("[0-9]*-*")), default=0)
+        os.replace(path, history / f"{number:04d}-{path.name}")
+    write_json_atomic(path, data)
+    return path
 
 
 def _remove_unreferenced(folder: Path) -> None:

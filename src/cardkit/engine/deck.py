@@ -24,7 +24,7 @@ from cardkit.corrupt import SEVERITIES, expand_names
 from cardkit.corrupt.files import CorruptedSuite, GeneratedSuite
 from cardkit.data import BatchLoader
 from cardkit.deck import DISTANCES, GATINGS, Card, CardDeck, domain_key, reference_spectrum
-from cardkit.engine.checkpoint import write_json_atomic
+from cardkit.engine.checkpoint import record_result, write_json_atomic
 from cardkit.engine.rundir import check_run_folder, claim_run_folder, run_lock
 from cardkit.engine.pipeline import _find_checkpoint, _subset, load_data, model_from_checkpoint, resolve_device
 from cardkit.errors import CardkitError
@@ -164,5 +164,5 @@ def evaluate_deck(folder: str | Path, *, gating: Optional[str] = None, k: Option
                                    severities=list(severities), clean=test, batch_size=batch, device=device)
     report = {"deck": str(folder), "gating": deck.gating, "k": deck.k, "distance": deck.distance,
               "memory": deck.memory(), "results": {label: r.to_dict() for label, r in results.items()}}
-    write_json_atomic(folder / "evaluate" / "metrics.json", report)
+    record_result(folder / "evaluate" / "metrics.json", report)
     return report

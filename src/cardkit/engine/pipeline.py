@@ -36,7 +36,7 @@ from cardkit.config_base import Section
 from cardkit.data import ArrayDataset, Augmentation, BatchLoader, DatasetSplits, load_dataset
 from cardkit.engine.evalstate import evaluation_key, load_state, save_state
 from cardkit.engine.rundir import check_run_folder, claim_run_folder, clear_run_folder, run_lock
-from cardkit.engine.checkpoint import (Checkpoint, has_checkpoint, load_checkpoint,
+from cardkit.engine.checkpoint import (Checkpoint, has_checkpoint, load_checkpoint, record_result,
                                        save_checkpoint, write_json_atomic)
 from cardkit.errors import CardkitError
 from cardkit.certify import VerificationResult, verified_accuracy
@@ -478,10 +478,10 @@ def _evaluate(run: _Run, variant: str, model: nn.Module, folder: Path,
                 for method in ev.verify]
     corruption = _evaluate_corruptions(run, model, data) if ev.corruption.names else None
     if corruption is not None:
-        write_json_atomic(folder / "evaluate" / "corruption.json", corruption.to_dict())
+        record_result(folder / "evaluate" / "corruption.json", corruption.to_dict())
     size = model_size(model)
     summary = summarize_model(model, size)
-    write_json_atomic(folder / "evaluate" / "metrics.json", {
+    record_result(folder / "evaluate" / "metrics.json", {
         "variant": variant, "checkpoint": str(checkpoint.path), "dataset": config.data.name,
         "model": summary, "pruning": checkpoint.meta.get("pruning"), "domain": checkpoint.meta.get("domain"),
         "robustness": result.to_dict(), "verified": [v.to_dict() for v in verified],
