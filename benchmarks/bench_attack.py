@@ -90,6 +90,7 @@ def measure(name: str, batch: int, repeats: int, steps: int, device: torch.devic
         "pgd_over_k_input_passes": t_attack / (steps * t_input),
         "pgd_best_over_k_input_passes": t_best / (steps * t_input),
         "pgd_best_dlr_over_k_input_passes": t_best_dlr / (steps * t_input),
+        "pgd_best_over_pgd": t_best / t_attack,  # the cost of tracking alone (k + 1 forwards: ~1 + 1/3k)
         "pgd_at_over_k_input_plus_1_train_passes": t_at / (steps * t_input + t_pass),
         # for reference: against training passes only
         "pgd_over_k_train_passes": t_attack / (steps * t_pass),
