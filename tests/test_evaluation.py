@@ -49,7 +49,8 @@ def smallest_perturbation(model, x, y, norm):
     s = x.flatten(1) @ w.T + b
     gap = s.gather(1, y[:, None]) - s  # n x classes, >= 0
     dw = w[y][:, None, :] - w[None, :, :]  # n x classes x inputs
-    dual = dw.abs().sum(2) if norm == "linf" else dw.norm(dim=2)
+    dual = {"linf": lambda d: d.abs().sum(2), "l2": lambda d: d.norm(dim=2),
+            "l1": lambda d: d.abs().amax(2)}[norm](dw)
     distance = gap / dual
     distance[torch.arange(len(y)), y] = float("inf")
     return distance.min(1).values
@@ -76,6 +77,18 @@ def test_exactly_the_vulnerable_points_fall_on_a_linear_model(norm, eps, attacks
     assert result.samples == len(y) and result.norm == norm and result.eps == eps
     accuracies = [s.robust_accuracy for s in result.stages]
     assert accuracies == sorted(accuracies, reverse=True), "a later stage never resurrects a point"
+
+
+def test_autoattack_under_l1_finds_exactly_the_vulnerable_points():
+    model, x, y = linear_problem(n=60)
+    distance = smallest_perturbation(model, x, y, "l1")  # one coordinate moves: the box never binds
+    eps = float(distance.median())
+    assert eps < 0.3
+    result = evaluate_robustness(model, x, y, Threat("l1", eps), [AutoAttackConfig()], batch_size=128)
+    robust = round(result.robust_accuracy * len(y))
+    assert int((distance > eps * 1.02).sum()) <= robust <= int((distance >= eps * 0.98).sum())
+    with pytest.raises(Exception, match="pgd attacks linf and l2 balls; for l1 use autoattack"):
+        evaluate_robustness(model, x, y, Threat("l1", eps), [PGDAttackConfig()])
 
 
 def test_autoattack_standard_reports_its_four_stages_and_budget():

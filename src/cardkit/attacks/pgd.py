@@ -22,12 +22,12 @@ LOSSES = ("ce", "dlr", "cw")
 class Threat:
     """Where the adversary may move an input: an `norm`-ball of radius `eps` intersected with [0,1]."""
 
-    norm: Literal["linf", "l2"]
+    norm: Literal["linf", "l2", "l1"]  # PGD attacks linf and l2; AutoAttack all three
     eps: float
 
     def __post_init__(self):
-        if self.norm not in ("linf", "l2"):
-            raise ValueError(f"threat norm must be 'linf' or 'l2', got {self.norm!r}")
+        if self.norm not in ("linf", "l2", "l1"):
+            raise ValueError(f"threat norm must be 'linf', 'l2' or 'l1', got {self.norm!r}")
         if self.eps < 0:
             raise ValueError(f"threat eps must be >= 0, got {self.eps}")
 
