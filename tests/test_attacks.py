@@ -88,7 +88,7 @@ def check_box_does_not_bind(x, eps):
     assert x.min() - eps > 0 and x.max() + eps < 1
 
 
-def along(x, model, direction, shift):
+def along(x, direction, shift):
     """Move each point along `direction` (one per feature) by `shift` (one per point)."""
     return x + shift.view(-1, *[1] * (x.dim() - 1)) * direction.view(1, *x.shape[1:])
 
@@ -123,7 +123,7 @@ def binary_data(norm, n=400, features=(2, 4, 4), seed=0):
     with torch.no_grad():
         z = model(x)
         now = (z[:, 0] - z[:, 1]) / dual
-    return model, along(x, model, direction, target - now)
+    return model, along(x, direction, target - now)
 
 
 def collinear_data(norm, n=400, features=(2, 4, 4), seed=0):
@@ -141,7 +141,7 @@ def collinear_data(norm, n=400, features=(2, 4, 4), seed=0):
     x = 0.5 + 0.1 * (torch.rand(n, *features, generator=g) - 0.5)
     position = EPS[norm] * (6 * torch.rand(n, generator=g) - 3)  # along v, in distance units
     now = (x.flatten(1) - 0.5) @ v / dual
-    return model, along(x, model, direction, position - now)
+    return model, along(x, direction, position - now)
 
 
 def blocks_data(n=600, classes=4, block=8, scales=None, level=0.3, seed=0):
@@ -346,7 +346,7 @@ def test_restarts_run_only_on_unfooled_points_and_keep_every_success(best):
     x = 0.5 + 0.1 * (torch.rand(n, 2, 4, 4, generator=g) - 0.5)
     # Margin u.x = 0.3 sd of u.delta for delta uniform in the ball.
     margin = 0.3 * eps * u.norm() / 3 ** 0.5
-    x = along(x, model, u.sign(), (margin - x.flatten(1) @ u) / u.norm(p=1))
+    x = along(x, u.sign(), (margin - x.flatten(1) @ u) / u.norm(p=1))
     y = torch.zeros(n, dtype=torch.long)
     threat = Threat("linf", eps)
 
@@ -433,12 +433,14 @@ def test_zero_eps_returns_input():
     assert torch.equal(pgd(model, x, y, Threat("linf", 0.0), steps=5), x)
 
 
-def test_threat_rejects_bad_values():
+def test_threat_and_pgd_reject_bad_values():
     with pytest.raises(ValueError):
-        Threat("l1", 0.1)
+        Threat("l0", 0.1)
     with pytest.raises(ValueError):
         Threat("linf", -0.1)
     model, (x, y) = tiny_net(), batch()
+    with pytest.raises(ValueError, match="linf and l2"):
+        pgd(model, x, y, Threat("l1", 1.0), steps=1)  # no silent L2 steps on an L1 ball
     threat = Threat("linf", 0.1)
     for bad in [dict(steps=0), dict(steps=1, restarts=0), dict(steps=1, loss="hinge"),
                 dict(steps=1, targeted=-1), dict(steps=1, targeted=1.5),

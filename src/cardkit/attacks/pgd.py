@@ -97,6 +97,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, *, s
     The model is run in the mode it is in (pgd never switches train/eval) and its parameter
     gradients are left untouched.
     """
+    if threat.norm not in ("linf", "l2"):
+        raise ValueError(f"PGD attacks linf and l2 balls, got {threat.norm!r} (AutoAttack handles l1)")
     if steps < 1:
         raise ValueError(f"PGD needs steps >= 1, got {steps}")
     if restarts < 1:
