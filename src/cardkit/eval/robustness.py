@@ -100,8 +100,9 @@ def _evaluate(model, x, y, threat, attacks, split, batch_size, seed, checks, res
         state["robust"] = run.correct()
         state["clean"] = int(state["robust"].sum()) / len(y)
         state["checks"] = pre_checks(model, run, threat, state["robust"]) if checks and attack else {}
+    level = logging.INFO if checks else logging.DEBUG  # a full evaluation, not a per-epoch one
     for index in range(state["stage"], len(stages)):
-        _run_stage(run, stages[index], index, threat, state, seed, save, start)
+        _run_stage(run, stages[index], index, threat, state, seed, save, start, level)
     flags = {**state["checks"], **(post_checks(model, run, threat, state) if checks and attack else {})}
     results = tuple(StageResult(**r) for r in state["results"])
     return RobustnessResult(
@@ -142,7 +143,7 @@ class _Run:
 
 
 def _run_stage(run: _Run, stage, index: int, threat: Threat, state: dict, seed: int,
-               save: Optional[Callable[[dict], None]], start: float) -> None:
+               save: Optional[Callable[[dict], None]], start: float, level: int) -> None:
     if state["batch"] == 0 or state["start"] is None:
         state["start"] = state["robust"].clone()
         state["stage_seconds"] = 0.0
@@ -163,8 +164,8 @@ def _run_stage(run: _Run, stage, index: int, threat: Threat, state: dict, seed: 
     robust = int(state["robust"].sum()) / len(state["robust"])
     state["results"].append({"attack": stage.label, "robust_accuracy": robust,
                              "seconds": state["stage_seconds"]})
-    log.info("robust accuracy after %s: %.4f (%.1f s)", stage.label, state["results"][-1]["robust_accuracy"],
-             state["stage_seconds"])
+    log.log(level, "robust accuracy after %s: %.4f (%.1f s)", stage.label, state["results"][-1]["robust_accuracy"],
+            state["stage_seconds"])
     state.update(stage=index + 1, batch=0, start=None, stage_seconds=0.0)
     if save is not None:
         save(_with_time(state, start))
