@@ -195,3 +195,11 @@ def test_the_callers_random_stream_and_mode_are_left_alone():
     torch.manual_seed(123)
     evaluate_robustness(model, x, y, Threat("linf", 0.02), [PGDAttackConfig(steps=3)])
     assert torch.equal(torch.rand(3), expected) and model.training
+
+
+def test_stages_after_every_point_fell_run_on_nothing():
+    model, x, y = linear_problem(n=40)
+    result = evaluate_robustness(model, x, y, Threat("linf", 0.5), [PGDAttackConfig(steps=10),
+                                 AutoAttackConfig(version="custom", attacks=["apgd-ce", "square"])])
+    assert [(s.attack, s.robust_accuracy) for s in result.stages] == [("pgd-10", 0.0), ("apgd-ce", 0.0),
+                                                                       ("square", 0.0)]

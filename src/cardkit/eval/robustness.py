@@ -147,7 +147,8 @@ def _run_stage(run: _Run, stage, index: int, threat: Threat, state: dict, seed: 
     if state["batch"] == 0 or state["start"] is None:
         state["start"] = state["robust"].clone()
         state["stage_seconds"] = 0.0
-    batches = state["start"].nonzero().flatten().split(run.batch_size)
+    survivors = state["start"].nonzero().flatten()
+    batches = survivors.split(run.batch_size) if len(survivors) else ()  # split() of nothing is one empty batch
     for number in range(state["batch"], len(batches)):
         began = time.perf_counter()
         points = batches[number]
