@@ -49,9 +49,11 @@ def main() -> None:
             fn()
             times[name].append(time.perf_counter() - start)
     best = {k: min(v) for k, v in times.items()}
+    median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     print(json.dumps({"points": args.points, "attacks": args.attacks, "threads": args.threads,
-                      "seconds": times, "ratio_cardkit_over_direct": best["cardkit"] / best["pyautoattack"],
-                      "target": 1.05}, indent=1))
+                      "seconds": times, "ratio_of_fastest": best["cardkit"] / best["pyautoattack"],
+                      "ratio_of_medians": median["cardkit"] / median["pyautoattack"], "target": 1.05},
+                     indent=1))
 
 
 if __name__ == "__main__":
