@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_deck.py
 	$(BIN)/python benchmarks/bench_artifact.py
 	$(BIN)/python benchmarks/bench_atmc.py
+	$(BIN)/python benchmarks/bench_autoattack.py
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
