@@ -46,3 +46,28 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+
+def check_format(record, *, expected: str, reads: int, what: str, fix: str) -> int:
+    """The format version of a file's JSON record (a .card header, a checkpoint's meta.json),
+    refused in one line when the record is of another format, malformed, or newer than `reads`.
+    `what` names the file in messages, e.g. "artifact 'model.card'"."""
+    from cardkit.errors import CardkitError
+
+    if not isinstance(record, dict) or record.get("format") != expected:
+        found = record.get("format") if isinstance(record, dict) else type(record).__name__
+        raise CardkitError(f"{what} is not a {expected.replace('-', ' ')} (format {_short(found)})")
+    version = record.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CardkitError(f"{what} has a malformed format version {_short(version)} (an integer >= 1 is "
+                           f"expected); {fix}")
+    if version > reads:
+        raise CardkitError(f"{what} has format version {version}, newer than this cardkit reads ({reads}); "
+                           f"upgrade cardkit")
+    return version
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -35,7 +35,7 @@ from cardkit.compress.quantize import MAX_BITS
 from cardkit.compress.size import encode_model
 from cardkit.compress.stored import factorized_weight
 from cardkit.errors import CardkitError
-from cardkit.fileio import output_file, write_bytes_atomic
+from cardkit.fileio import check_format, output_file, write_bytes_atomic
 
 FORMAT = "cardkit-artifact"
 VERSION = 1
@@ -135,16 +135,8 @@ def read_artifact(path: Path, max_bytes: int = MAX_BYTES) -> tuple[dict, dict[st
                            f"corrupt") from None
     except KeyError:
         raise CardkitError(f"'{path}' is a safetensors file but not a cardkit artifact (no cardkit header)") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        found = header.get("format") if isinstance(header, dict) else type(header).__name__
-        raise CardkitError(f"'{path}' is not a cardkit artifact (format {found!r})")
-    version = header.get("version")
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise CardkitError(f"artifact '{path}' has a malformed format version {_short(version)} (an integer >= 1 "
-                           f"is expected); the file is corrupt or was edited")
-    if version > VERSION:
-        raise CardkitError(f"artifact '{path}' has format version {version}, newer than this "
-                           f"cardkit reads ({VERSION}); upgrade cardkit")
+    check_format(header, expected=FORMAT, reads=VERSION, what=f"artifact '{path}'",
+                 fix="the file is corrupt or was edited")
     if _digest(arrays) != header.get("sha256"):
         raise CardkitError(f"artifact '{path}': its tensors do not match the checksum in its header "
                            f"(tampered or corrupt); export it again")

@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from cardkit.errors import CardkitError
-from cardkit.fileio import file_digest
+from cardkit.fileio import check_format, file_digest
 
 FORMAT = "cardkit-checkpoint"
 VERSION = 1
@@ -109,16 +109,8 @@ def load_checkpoint(path: str | Path, pointer: str = "last") -> Checkpoint:
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise CardkitError(f"checkpoint '{path}': meta.json is not valid JSON (truncated?); "
                            f"delete the folder to restart this stage") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise CardkitError(f"'{path}' is not a cardkit checkpoint (format {found!r})")
-    version = meta.get("version")
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise CardkitError(f"checkpoint '{path}': meta.json has a malformed format version {version!r} "
-                           f"(an integer >= 1 is expected); the checkpoint is corrupt or was edited")
-    if version > VERSION:
-        raise CardkitError(f"checkpoint '{path}' has format version {version}, newer than "
-                           f"this cardkit reads ({VERSION}); upgrade cardkit")
+    check_format(meta, expected=FORMAT, reads=VERSION, what=f"checkpoint '{path}'",
+                 fix="the checkpoint is corrupt or was edited")
     _verify_files(path, meta.get("files", {}))
     check_architecture(path, meta.get("arch"))
     return Checkpoint(path, meta)
