@@ -2,8 +2,9 @@
 
 Both run the same objective (PGD-AT, k = 10) on the same model and batch. The ATMC step adds the
 factorized forward (U V + C computed once per step and reused by the attack's forwards), the ADMM
-penalty and, amortised, the schedule's events: a global top-k projection every `prune_interval`
-steps and an ADMM k-means update every `quant_interval` steps (the defaults, 50 each). The three
+penalty, the projection onto the current masks after the step (pruned entries back to zero) and,
+amortised, the schedule's events: a global top-k projection every `prune_interval` steps and an
+ADMM k-means update every `quant_interval` steps (the defaults, 50 each). The three
 parts are timed interleaved (median of repeats); the amortised step is
 step + projection / prune_interval + admm / quant_interval. Target: at most 1.25 x the dense step.
 Also timed: a fine-tuning step after ATMC (the factors quantized for good, the gradient passed
@@ -57,7 +58,7 @@ def measure(name: str, batch: int, repeats: int, steps: int, config: AtmcConfig,
         tuned_group.enforce()
 
     t = timed({"dense": lambda: train_step(dense, optimizers[dense], objective, x, y),
-               "atmc": lambda: train_step(net, optimizers[net], regularized, x, y),
+               "atmc": lambda: (train_step(net, optimizers[net], regularized, x, y), group.enforce()),
                "projection": lambda: group.project(group.budget),
                "admm": group.admm_update,
                "finetune": tuned_step}, repeats)
