@@ -312,3 +312,24 @@ def test_a_later_evaluation_keeps_the_earlier_result_and_the_report_dates_it(tmp
     assert main(["report", str(run_dir)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].rstrip().endswith("evaluated (UTC)") and latest["recorded_at"] in table[2]
+
+
+def test_a_path_in_a_config_file_is_read_from_the_file_s_folder(tmp_path, monkeypatch):
+    from cardkit.config import load_config
+
+    (tmp_path / "configs").mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    path = tmp_path / "configs" / "run.yaml"
+    path.write_text(yaml.safe_dump({"data": {"name": "digits", "data_dir": "../data"},
+                                    "evaluate": {"corruption": {"baseline": "base/corruption.json"}}}))
+    monkeypatch.chdir(elsewhere)
+    config = load_config(path)
+    assert config.data.data_dir == str(tmp_path / "data")
+    assert config.evaluate.corruption.baseline == str(tmp_path / "configs" / "base" / "corruption.json")
+    # A path typed on the command line, and the default, are read from the working folder.
+    assert load_config(path, ["data.data_dir=mine"]).data.data_dir == str(elsewhere / "mine")
+    assert load_config(None).data.data_dir == str(elsewhere / "data")
+    absolute = tmp_path / "abs"
+    path.write_text(yaml.safe_dump({"data": {"data_dir": str(absolute)}}))
+    assert load_config(path).data.data_dir == str(absolute)

@@ -254,13 +254,30 @@ def _as_value_error(check, value):
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML config (or the defaults when path is None), apply `key.path=value` overrides,
     and validate."""
-    raw = _read_yaml(Path(path)) if path is not None else {}
+    raw = _relative_to_file(_read_yaml(Path(path)), Path(path)) if path is not None else {}
     return resolve_paths(validate_config(raw, overrides))
 
 
+# Paths a config names, relative to the config file's folder when written in it.
+_PATH_KEYS = (("data", "data_dir"), ("evaluate", "corruption", "suite"), ("evaluate", "corruption", "baseline"))
+
+
+def _relative_to_file(raw: dict, path: Path) -> dict:
+    """A relative path written in a config file is read from the file's folder, so that the config
+    means the same data whatever folder it is run from."""
+    for keys in _PATH_KEYS:
+        section = raw
+        for key in keys[:-1]:
+            section = section.get(key) if isinstance(section, dict) else None
+        value = section.get(keys[-1]) if isinstance(section, dict) else None
+        if isinstance(value, str) and not Path(value).expanduser().is_absolute():
+            section[keys[-1]] = str(path.parent / value)
+    return raw
+
+
 def resolve_paths(config: RunConfig) -> RunConfig:
-    """Data paths made absolute (against the working folder they were given in), so that the run
-    folder's stored config finds its data from any folder later."""
+    """Data paths made absolute (a path from the command line or a default against the working
+    folder), so that the run folder's stored config finds its data from any folder later."""
     data, corruption = config.data, config.evaluate.corruption
     data.data_dir = str(Path(data.data_dir).expanduser().resolve())
     for key in ("suite", "baseline"):
