@@ -43,7 +43,7 @@ from cardkit.compress.stored import StoredTensor, factorized_weight
 from cardkit.config_base import Section
 from cardkit.errors import CardkitError
 from cardkit.numbers import Number
-from cardkit.prune.masked import kept_count, prunable_layers, top_k_mask
+from cardkit.prune.masked import kept_count, selected_layers, top_k_mask
 from cardkit.prune.methods import PruneSetup, register_method
 
 log = logging.getLogger(__name__)
@@ -194,9 +194,10 @@ def svd_factors(weight: torch.Tensor, rank: float) -> tuple[torch.Tensor, torch.
 
 
 def to_atmc(model: nn.Module, rank: float, bits: int) -> list[AtmcLayer]:
-    """Swap every Conv2d / Linear for its factorized subclass, in place (the bias is kept)."""
+    """Swap every Conv2d / Linear (of the active layer selection) for its factorized subclass, in
+    place (the bias is kept)."""
     layers = []
-    for _, module in prunable_layers(model):
+    for _, module in selected_layers(model):
         if not isinstance(module, AtmcLayer):
             weight = module.weight.detach()
             del module.weight

@@ -17,7 +17,9 @@ forward is a function of the saved state and a reloaded model computes exactly t
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Literal
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Callable, Iterable, Iterator, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,8 @@ from cardkit.compress.quantize import QuantSpec, Quantized, quantize_kmeans, str
 from cardkit.compress.stored import StoredTensor, binary_codes
 
 Scope = Literal["layer", "global"]
+LayerFilter = Callable[[str, nn.Module], bool]
+"""Picks layers by (module name, module): e.g. `lambda name, m: not name.startswith("head")`."""
 KMEANS_FIT_ITERATIONS = 20  # a codebook's first fit
 KMEANS_REFIT_ITERATIONS = 2  # after an optimizer step, warm-started: the weights moved a little
 
@@ -171,22 +175,43 @@ class MaskedLinear(MaskedLayer, nn.Linear):
 _MASKED = {nn.Conv2d: MaskedConv2d, nn.Linear: MaskedLinear}
 
 
-def prunable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Every Conv2d and Linear (masked or not), in module order."""
+def prunable_layers(model: nn.Module, layers: Optional[LayerFilter] = None) -> Iterator[tuple[str, nn.Module]]:
+    """Every Conv2d and Linear (masked or not), in module order; with `layers`, those it accepts."""
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and (layers is None or layers(name, module)):
             yield name, module
 
 
-def add_masks(model: nn.Module) -> list[MaskedLayer]:
-    """Swap every Conv2d / Linear for its masked subclass, in place (parameters are kept)."""
-    layers = []
-    for _, module in prunable_layers(model):
+_SELECTION: ContextVar[Optional[LayerFilter]] = ContextVar("cardkit_layer_selection", default=None)
+
+
+@contextmanager
+def layer_selection(layers: Optional[LayerFilter]) -> Iterator[None]:
+    """While active, pruning methods convert only the layers `layers` accepts (None: all). Method
+    handlers take (model, config), so the choice of layers reaches them this way; the layers left
+    out stay plain, and are stored and accounted as dense float32 weights."""
+    token = _SELECTION.set(layers)
+    try:
+        yield
+    finally:
+        _SELECTION.reset(token)
+
+
+def selected_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """The prunable layers a pruning method converts: those of the active `layer_selection`."""
+    return prunable_layers(model, _SELECTION.get())
+
+
+def add_masks(model: nn.Module, layers: Optional[LayerFilter] = None) -> list[MaskedLayer]:
+    """Swap every Conv2d / Linear (those `layers` accepts; default: the active selection, else all)
+    for its masked subclass, in place (parameters are kept)."""
+    masked = []
+    for _, module in prunable_layers(model, layers) if layers is not None else selected_layers(model):
         if not isinstance(module, MaskedLayer):
             module.__class__ = _MASKED[type(module)]
             module._init_mask_state()
-        layers.append(module)
-    return layers
+        masked.append(module)
+    return masked
 
 
 def masked_layers(model: nn.Module) -> list[MaskedLayer]:
