@@ -172,6 +172,13 @@ def test_onnx_export_runs_in_onnxruntime_with_the_same_outputs(tmp_path):
     assert np.abs(onnx_outputs(tmp_path / "m.onnx", x) - expected).max() < 1e-5
 
 
-def test_a_model_without_a_recorded_architecture_is_refused(tmp_path):
-    with pytest.raises(CardkitError, match="built by cardkit"):
-        save_artifact(torch.nn.Sequential(torch.nn.Linear(3, 2)), tmp_path / "m.card")
+def test_a_model_no_registry_knows_loads_only_into_an_instance(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    save_artifact(model, tmp_path / "m.card")
+    with pytest.raises(CardkitError, match=r"user-defined model \(torch.nn.modules.container.Sequential\).*"
+                                           r"load_artifact\(path, model=MyNet\(\)\)"):
+        cardkit.load_artifact(tmp_path / "m.card")
+    loaded = cardkit.load_artifact(tmp_path / "m.card", model=torch.nn.Sequential(torch.nn.Linear(3, 2)))
+    x = torch.rand(4, 3)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))

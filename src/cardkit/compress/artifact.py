@@ -9,6 +9,10 @@ one after the other; and one float32 tensor `other` with every other parameter a
 (biases, normalization), flattened and concatenated in the order the header lists them.
 The JSON header (safetensors metadata key "cardkit") holds the format version, the architecture,
 what each tensor encodes (from which every length follows), and the sha256 of all tensor bytes.
+The architecture is a registry model's `arch` record, from which the file alone rebuilds it, or,
+for any other model, a record of kind "user": the class's qualified name and a fingerprint of the
+names and shapes of the tensors a freshly built instance holds; such a file loads into an
+instance the caller builds (`load_artifact(path, model=MyNet())`), checked against both.
 Loading parses only JSON and raw arrays: nothing is ever unpickled. A file is not trusted: every
 header field is type- and range-checked, the architecture is built on the meta device (shapes, no
 storage) and compared with the header's tensors before anything is allocated, and the model a
@@ -20,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +37,7 @@ from torch import nn
 from cardkit.compress.encode import FLOAT_BITS, EncodedTensor, decode_tensor
 from cardkit.compress.packing import FORMATS, MAX_WIDTH, Positions
 from cardkit.compress.quantize import MAX_BITS
-from cardkit.compress.size import encode_model
+from cardkit.compress.size import encode_model, other_tensors
 from cardkit.compress.stored import factorized_weight
 from cardkit.errors import CardkitError
 from cardkit.fileio import check_format, output_file, write_bytes_atomic
@@ -44,13 +49,16 @@ MAX_BYTES = 1 << 30  # the default limit of load_artifact: a model of 2^28 float
 MAX_HEADER_BYTES = 8 << 20  # a header lists ~150 bytes per tensor: 50,000 tensors
 _BITS = {"float": (FLOAT_BITS, FLOAT_BITS), "binary": (1, 1), "uniform": (2, MAX_BITS), "kmeans": (1, MAX_BITS)}
 _MAX_DIMS = 8
+USER = "user"  # the kind of architecture record of a model no registry knows
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
 
 def save_artifact(model: nn.Module, path: str | Path) -> int:
-    """Write `model` (masked, quantized, factorized or plain) compressed; returns the file's bytes."""
-    if not isinstance(getattr(model, "arch", None), dict):
-        raise CardkitError("only models built by cardkit (create_model, or loaded from a checkpoint) can "
-                           "be saved as artifacts: the file records the architecture to rebuild")
+    """Write `model` (masked, quantized, factorized or plain; a registry model or any other
+    `nn.Module`) compressed; returns the file's bytes."""
+    if not isinstance(model, nn.Module):
+        raise CardkitError(f"save_artifact takes an nn.Module, got {type(model).__name__}")
+    arch = architecture_record(model)
     encoded, other = encode_model(model)
     arrays: dict[str, np.ndarray] = {}
     entries = []
@@ -64,18 +72,53 @@ def save_artifact(model: nn.Module, path: str | Path) -> int:
     names = sorted(other)
     arrays[OTHER] = np.concatenate([np.zeros(0, np.float32)] + [
         other[n].detach().cpu().float().reshape(-1).numpy() for n in names])
-    header = {"format": FORMAT, "version": VERSION, "arch": model.arch, "tensors": entries,
+    header = {"format": FORMAT, "version": VERSION, "arch": arch, "tensors": entries,
               "other": [[n, list(other[n].shape)] for n in names], "sha256": _digest(arrays)}
     data = save_arrays(arrays, metadata={"cardkit": json.dumps(header, separators=(",", ":"))})
     write_bytes_atomic(output_file(path), data)
     return len(data)
 
 
-def load_artifact(path: str | Path, *, max_bytes: int | None = MAX_BYTES) -> nn.Module:
-    """The model stored in a `.card` file, as a plain torch model in eval mode.
+def architecture_record(model: nn.Module) -> dict:
+    """What a file records to rebuild `model`: a registry model's `arch`; for any other model,
+    its class's qualified name and the fingerprint of its tensors' names and shapes."""
+    arch = getattr(model, "arch", None)
+    if isinstance(arch, dict):
+        return arch
+    cls = type(model)
+    return {"kind": USER, "name": f"{cls.__module__}.{cls.__qualname__}", "fingerprint": fingerprint(model)}
 
-    A file whose model would take more than `max_bytes` as float32 tensors (default 1 GiB) is
-    refused before anything is built; pass a larger limit, or None, for a larger model you trust.
+
+def plain_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of the tensors a file stores, as the plain (uncompressed) model holds
+    them: every Conv2d / Linear weight, and every other floating-point parameter and buffer.
+    The same for a model and its pruned, quantized or factorized version."""
+    from cardkit.prune.masked import prunable_layers
+
+    shapes = {f"{name}.weight": tuple(getattr(module, "weight_shape", None) or module.weight.shape)
+              for name, module in prunable_layers(model)}
+    shapes.update({name: tuple(t.shape) for name, t in other_tensors(model).items()})
+    return dict(sorted(shapes.items()))
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 of `plain_shapes(model)`: equal for two instances of the same architecture."""
+    text = json.dumps([[name, list(shape)] for name, shape in plain_shapes(model).items()], separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def load_artifact(path: str | Path, *, model: nn.Module | None = None,
+                  max_bytes: int | None = MAX_BYTES) -> nn.Module:
+    """The model stored in a `.card` file, in eval mode, with outputs equal bitwise to those of
+    the model that was exported.
+
+    Without `model`, a registry model is rebuilt from the file alone as a plain torch model. With
+    `model`, a freshly built (uncompressed) instance of the exported architecture, the file's
+    tensors are loaded into it and it is returned: this is how a user-defined model comes back
+    (its file records only the class name and a fingerprint of its tensors' names and shapes,
+    which must match the instance's). A file whose model would take more than `max_bytes` as
+    float32 tensors (default 1 GiB) is refused before anything is built; pass a larger limit, or
+    None, for a larger model you trust.
     """
     path = Path(path)
     if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
@@ -87,8 +130,11 @@ def load_artifact(path: str | Path, *, max_bytes: int | None = MAX_BYTES) -> nn.
     if declared > limit:
         raise CardkitError(f"artifact '{path}' describes a model of {declared:,} bytes, more than the limit of "
                            f"{limit:,}; if you trust the file, load it with load_artifact(path, max_bytes=...)")
-    arch = _check_architecture(header["arch"], entries, listed, declared, path, limit)
-    model = _build(arch, path)
+    if model is None:
+        arch = _check_architecture(header["arch"], entries, listed, declared, path, limit)
+        model = _build(arch, path)
+    else:
+        _check_instance(header["arch"], model, entries, listed, path)
     weights = {}
     for entry in entries:
         try:
@@ -108,7 +154,7 @@ def load_artifact(path: str | Path, *, max_bytes: int | None = MAX_BYTES) -> nn.
                            f"({str(err).splitlines()[-1].strip()}); the file is corrupt or was edited") from None
     missing = [k for k in missing if model.state_dict()[k].is_floating_point()]
     if missing or unexpected:
-        raise CardkitError(f"artifact '{path}': its tensors do not fit the {header['arch'].get('name')} "
+        raise CardkitError(f"artifact '{path}': its tensors do not fit the {_record_name(header['arch'])} "
                            f"architecture (missing {missing[:3]}, unexpected {unexpected[:3]}); the file is "
                            f"corrupt or was edited")
     return model.eval()
@@ -192,16 +238,62 @@ def _check_architecture(arch, entries: list[EncodedTensor], listed: list, declar
     allocated. A plain record must make exactly the listed tensors, at the listed shapes. A
     structured record is built from its full-size base, which must fit `limit`; its tensors must
     have the base's names and no dimension larger than the base's."""
-    from cardkit.compress.size import other_tensors
     from cardkit.models import create_model
     from cardkit.models.bounded import base_arch, build_on_meta, check_arch_record
-    from cardkit.prune.masked import prunable_layers
 
     what = f"artifact '{path}'"
+    if isinstance(arch, dict) and arch.get("kind") == USER:
+        raise CardkitError(f"{what} holds a user-defined model ({_record_name(arch)}), which the file alone "
+                           f"cannot rebuild; build it and pass it: load_artifact(path, model=MyNet())")
     arch = check_arch_record(arch, what)
     structured = "structured" in arch
     base = build_on_meta(lambda: create_model(**base_arch(arch)), entries=2 * (len(entries) + len(listed)),
                          nbytes=limit if structured else declared, what=what)
+    _check_tensors(base, entries, listed, structured, what,
+                   f"the {arch.get('name')} architecture", "the file is corrupt or was edited")
+    base_bytes = sum(t.numel() * t.element_size() for t in [*base.parameters(), *base.buffers()])
+    if base_bytes > limit:
+        raise CardkitError(f"artifact '{path}': its architecture needs {base_bytes:,} bytes to build, more than "
+                           f"the limit of {limit:,}; if you trust the file, load it with "
+                           f"load_artifact(path, max_bytes=...)")
+    return arch
+
+
+def _check_instance(arch, model: nn.Module, entries: list[EncodedTensor], listed: list, path: Path) -> None:
+    """The given instance must be plain and hold exactly the tensors the file stores, at their
+    shapes; a user record's fingerprint must also be the instance's."""
+    from cardkit.prune.masked import prunable_layers
+
+    what = f"artifact '{path}'"
+    if not isinstance(model, nn.Module):
+        raise CardkitError(f"load_artifact(model=...) takes an nn.Module instance, got {type(model).__name__}")
+    given = type(model).__qualname__
+    if any(hasattr(module, "stored_tensors") for _, module in prunable_layers(model)):
+        raise CardkitError(f"the {given} given to load_artifact is pruned or factorized already; pass a "
+                           f"freshly built instance: load_artifact(path, model=MyNet())")
+    user = isinstance(arch, dict) and arch.get("kind") == USER
+    if user and not (isinstance(arch.get("name"), str) and isinstance(arch.get("fingerprint"), str)
+                     and _FINGERPRINT.fullmatch(arch["fingerprint"])):
+        raise CardkitError(f"{what}: its user architecture record lacks a class name or a valid fingerprint; "
+                           f"the file is corrupt or was edited")
+    saved = _record_name(arch)
+    fix = f"the file holds a {saved}: pass a freshly built instance of that architecture"
+    _check_tensors(model, entries, listed, False, what, f"the given {given}", fix)
+    if user and fingerprint(model) != arch["fingerprint"]:
+        raise CardkitError(f"{what}: the given {given} has other tensors than the exported {saved} (their "
+                           f"names and shapes differ); {fix}")
+
+
+def _record_name(arch) -> str:
+    return str(arch.get("name")) if isinstance(arch, dict) else "unknown"
+
+
+def _check_tensors(base: nn.Module, entries: list[EncodedTensor], listed: list, structured: bool, what: str,
+                   target: str, fix: str) -> None:
+    """The file's tensors must be exactly those of `base` (a plain model), at its shapes (for a
+    structured record: no dimension larger); an ATMC layer's factors stand for its weight."""
+    from cardkit.prune.masked import prunable_layers
+
     expected = {name: tuple(t.shape) for name, t in other_tensors(base).items()}
     layers = {name: tuple(module.weight.shape) for name, module in prunable_layers(base)}
     found = {e.name: e.shape for e in entries}
@@ -216,24 +308,17 @@ def _check_architecture(arch, entries: list[EncodedTensor], listed: list, declar
                                    f"the file is corrupt or was edited")
             expected.update({f"{name}.u": (out, rank), f"{name}.v": (rank, fan_in), f"{name}.c": (out, fan_in)})
         else:
-            raise CardkitError(f"artifact '{path}' stores no weight for layer {name}; the file is corrupt or was edited")
+            raise CardkitError(f"{what} stores no weight for layer {name} of {target}; {fix}")
     given = {**found, **{name: tuple(shape) for name, shape in listed}}
     if set(given) != set(expected):
         extra, lacking = sorted(set(given) - set(expected)), sorted(set(expected) - set(given))
-        raise CardkitError(f"{what}: its tensors do not fit the {arch.get('name')} architecture (missing "
-                           f"{lacking[:3]}, unexpected {extra[:3]}); the file is corrupt or was edited")
+        raise CardkitError(f"{what}: its tensors do not fit {target} (missing {lacking[:3]}, unexpected "
+                           f"{extra[:3]}); {fix}")
     for name, shape in given.items():
         want = expected[name]
         fits = len(shape) == len(want) and all(s <= w for s, w in zip(shape, want)) if structured else shape == want
         if not fits:
-            raise CardkitError(f"{what}: {name} is {shape} in the file but {want} in the {arch.get('name')} "
-                               f"architecture; the file is corrupt or was edited")
-    base_bytes = sum(t.numel() * t.element_size() for t in [*base.parameters(), *base.buffers()])
-    if base_bytes > limit:
-        raise CardkitError(f"artifact '{path}': its architecture needs {base_bytes:,} bytes to build, more than "
-                           f"the limit of {limit:,}; if you trust the file, load it with "
-                           f"load_artifact(path, max_bytes=...)")
-    return arch
+            raise CardkitError(f"{what}: {name} is {shape} in the file but {want} in {target}; {fix}")
 
 
 def _parse_header(header: dict, arrays: dict[str, np.ndarray], path: Path) -> tuple[list[EncodedTensor], list]:
