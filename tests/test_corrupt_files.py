@@ -57,7 +57,7 @@ def test_official_folder_errors(tmp_path):
 
 def test_unknown_names_and_severities_are_user_errors():
     images = np.zeros((2, 8, 8, 1), np.uint8)
-    with pytest.raises(CardkitError, match=r"unknown corruption 'fgo'; did you mean 'fog'\?.*valid: gaussian_noise"):
+    with pytest.raises(CardkitError, match=r"unknown corruption 'fgo'; did you mean 'fog' or 'frost'\?.*valid: gaussian_noise"):
         corrupt(images, "fgo", 1)
     for severity in (0, 6, 2.5, True):
         with pytest.raises(CardkitError, match="from 1 to 5"):

@@ -6,7 +6,9 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
+from pathlib import Path
 
 from cardkit import __version__
 from cardkit.errors import CardkitError
@@ -19,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
     try:
+        if args.plugin:
+            from cardkit.config import import_plugins
+
+            import_plugins(args.plugin)
         code = args.handler(args) or 0
         sys.stdout.flush()  # a closed pipe shows here, not at exit
         return code
@@ -56,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cardkit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details (debug level)")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import a module that registers its own models, datasets, methods, "
+                             "objectives or attacks (repeatable; a config's plugins: list does the same)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run the stage pipeline of a config", epilog=EPILOG)
@@ -72,9 +81,9 @@ def _parser() -> argparse.ArgumentParser:
                           help="a run folder (runs/NAME), a stage's checkpoints folder or a checkpoint folder")
     evaluate.add_argument("--best", action="store_true",
                           help="use the best checkpoint (default: the run's evaluate.checkpoint)")
-    evaluate.add_argument("--attack", nargs="+", choices=["pgd", "autoattack"], metavar="NAME",
-                          help="attacks run in order on the points still robust, e.g. pgd autoattack "
-                               "(default: the run's evaluate.attacks)")
+    evaluate.add_argument("--attack", nargs="+", metavar="NAME",
+                          help=f"attacks run in order on the points still robust: "
+                               f"{', '.join(_registry('attacks').names())} (default: the run's evaluate.attacks)")
     evaluate.add_argument("--eps", help="attack radius, e.g. 0.3 or 8/255 (default: the run's threat)")
     evaluate.add_argument("--norm", choices=["linf", "l2", "l1"], help="attack norm (default: the run's threat)")
     evaluate.add_argument("--steps", type=int, help="PGD steps")
@@ -92,7 +101,9 @@ def _parser() -> argparse.ArgumentParser:
                                 epilog=EPILOG)
     prune.add_argument("--checkpoint", required=True, metavar="DIR",
                        help="a run folder (runs/NAME) or its pretrain checkpoint")
-    prune.add_argument("--method", required=True, help="pruning method, e.g. magnitude or hydra")
+    prune.add_argument("--method", required=True,
+                       help=f"pruning method: {', '.join(_registry('methods').names())} "
+                            f"(`cardkit methods` describes them)")
     prune.add_argument("--sparsity", help="fraction of weights removed, e.g. 0.99")
     prune.add_argument("--size-ratio", help="atmc: compressed / dense fp32 size, e.g. 0.01 (instead of --sparsity)")
     prune.add_argument("--scope", choices=["layer", "global", "structured"],
@@ -113,9 +124,9 @@ def _parser() -> argparse.ArgumentParser:
                                   epilog=EPILOG)
     certify.add_argument("--checkpoint", required=True, metavar="DIR",
                          help="a run folder, a variant folder (runs/NAME/hydra-0.9) or a checkpoint folder")
-    certify.add_argument("--method", required=True, choices=["ibp", "crown_ibp", "crown", "smoothing"],
-                         help="Linf bounds (interval, CROWN on IBP intermediate bounds, full CROWN), or "
-                              "L2 certification of the Gaussian-smoothed model")
+    certify.add_argument("--method", required=True,
+                         help=f"Linf bounds ({', '.join(_registry('bounds').names())}; `cardkit bounds` "
+                              f"describes them), or smoothing: L2 certification of the Gaussian-smoothed model")
     certify.add_argument("--sigma", type=float, default=0.25, help="smoothing noise level")
     certify.add_argument("--n0", type=int, default=100, help="smoothing: selection samples")
     certify.add_argument("--n", type=int, default=10000, help="smoothing: estimation samples")
@@ -179,6 +190,30 @@ def _parser() -> argparse.ArgumentParser:
     size.add_argument("--json", action="store_true", help="print the size report as JSON")
     size.set_defaults(handler=_size)
 
+    imported = commands.add_parser("import", help="turn a published PyTorch state dict into a run folder",
+                                   epilog=EPILOG)
+    imported.add_argument("file", help="a state dict written by torch.save (.pt, .pth, .pth.tar), read with "
+                                       "weights_only=True")
+    imported.add_argument("--model", required=True, help="the registry model the file holds (`cardkit models`)")
+    imported.add_argument("--data", required=True, help="the dataset it classifies (`cardkit datasets`)")
+    imported.add_argument("--name", help="run name (default: the file name without its extensions)")
+    imported.add_argument("--output-dir", default="runs", help="folder of the run folders (default: runs)")
+    imported.add_argument("--layout", default="auto",
+                          help="key names of the file: cardkit, wrn, preact_resnet, resnet, sequential "
+                               "(default auto: the one that fits the model)")
+    imported.add_argument("--sparsity", help="HYDRA files (popup_scores): the fraction of weights removed, "
+                                             "1 - HYDRA's k, e.g. 0.99 for k 0.01")
+    imported.add_argument("--normalize", choices=["auto", "dataset", "none"], default="auto",
+                          help="input mean / std: auto (the file's own mu / sigma, else none: inputs in [0, 1] "
+                               "as RobustBench models take them), the dataset's, or none")
+    imported.add_argument("--mean", type=float, nargs="+", help="input mean per channel (with --std)")
+    imported.add_argument("--std", type=float, nargs="+", help="input std per channel (with --mean)")
+    imported.add_argument("--check-samples", type=int, default=500,
+                          help="measure clean accuracy on this many test images after the import (0: skip)")
+    imported.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="a config key of the new run, e.g. threat.eps=8/255 or data.data_dir=DIR")
+    imported.set_defaults(handler=_import)
+
     export = commands.add_parser("export", help="write a checkpoint as one compressed file", epilog=EPILOG)
     export.add_argument("--checkpoint", required=True, metavar="DIR",
                         help="a run folder, a variant folder (runs/NAME/hydra-0.9) or a checkpoint folder")
@@ -195,11 +230,55 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--markdown", action="store_true", help="print a Markdown table")
     report.set_defaults(handler=_report)
 
-    datasets = commands.add_parser("datasets", help="list the registered datasets")
-    datasets.set_defaults(handler=_datasets)
-    models = commands.add_parser("models", help="list the registered models")
-    models.set_defaults(handler=_models)
+    for kind, what in LISTINGS.items():
+        listing = commands.add_parser(kind, help=f"list the registered {what}", epilog=EPILOG)
+        listing.set_defaults(handler=_listing, kind=kind)
     return parser
+
+
+LISTINGS = {"models": "models", "datasets": "datasets", "methods": "pruning methods",
+            "objectives": "training objectives", "attacks": "attacks", "corruptions": "corruptions",
+            "bounds": "bound methods (evaluate.verify, cardkit certify)"}
+
+
+def _registry(kind: str):
+    """The registry a listing command shows (importing the package registers the built-ins)."""
+    if kind == "models":
+        from cardkit.models.registry import MODELS as registry
+    elif kind == "datasets":
+        from cardkit.data.registry import DATASETS as registry
+    elif kind == "methods":
+        from cardkit.prune.methods import METHODS as registry
+    elif kind == "objectives":
+        from cardkit.objectives import OBJECTIVES as registry
+    elif kind == "attacks":
+        from cardkit.attacks import ATTACKS as registry
+    elif kind == "corruptions":
+        from cardkit.corrupt.registry import CORRUPTIONS as registry, corruption_names
+
+        corruption_names()  # loads the corruption modules
+    else:
+        from cardkit.certify.verify import BOUNDS as registry
+    return getattr(registry, "registry", registry)
+
+
+def _listing(args) -> int:
+    """One line per entry: the name, and the first sentence of its docstring."""
+    registry = _registry(args.kind)
+    width = max(map(len, registry.names()), default=0)
+    for name, entry in registry.items():
+        print(f"{name:<{width}}  {_summary(entry, args.kind)}".rstrip())
+    return 0
+
+
+def _summary(entry, kind: str) -> str:
+    if kind == "corruptions":
+        from cardkit.corrupt.registry import BENCHMARK
+
+        return "CIFAR-10-C benchmark" if entry.name in BENCHMARK else "held-out extra"
+    text = " ".join((getattr(entry, "__doc__", None) or "").split())
+    sentence = re.split(r"(?<!\bal)\.(?:\s|$)", text)[0]  # "et al." ends no sentence
+    return sentence if len(sentence) <= 110 else sentence[:107] + "..."
 
 
 def _corruption_arguments(parser: argparse.ArgumentParser) -> None:
@@ -268,7 +347,7 @@ def _attack_list(args) -> list[dict] | None:
         if own and name not in names:
             raise CardkitError(f"--{next(iter(own)).replace('_', '-')} applies to {name}, which --attack does "
                                f"not list; add it: --attack {' '.join(names + [name])}")
-    return [{"name": name, **settings[name], **budget} for name in names]
+    return [{"name": name, **settings.get(name, {}), **budget} for name in names]
 
 
 def _certify(args) -> int:
@@ -277,6 +356,10 @@ def _certify(args) -> int:
     flags = {"eps": "evaluate.verify_eps", "samples": "evaluate.samples", "split": "evaluate.split"}
     overrides = list(args.overrides) + [f"{key}={getattr(args, flag)}" for flag, key in flags.items()
                                         if getattr(args, flag) is not None]
+    if args.method != "smoothing":
+        from cardkit.certify.verify import BOUNDS
+
+        BOUNDS.canonical(args.method)  # an unknown method fails before the data loads
     smoothing = {"sigma": args.sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha, "radii": args.radii}
     folder, result = certify_checkpoint(args.checkpoint, args.method, overrides,
                                         pointer="best" if args.best else "last", smoothing=smoothing)
@@ -298,6 +381,7 @@ def _prune(args) -> int:
     from cardkit.numbers import parse_number
     from cardkit.prune import method_config
 
+    _import_run_plugins(args.checkpoint)  # a method of the run's plugins is known from here on
     if args.size_ratio is not None and args.method != "atmc":
         raise CardkitError(f"--size-ratio is a budget of atmc; for {args.method} give --sparsity (and --bits)")
     if (args.sparsity is None) == (args.size_ratio is None):
@@ -328,6 +412,21 @@ def _prune(args) -> int:
                               progress=not args.no_progress)
     _print_result(result)
     return 0
+
+
+def _import_run_plugins(path: str) -> None:
+    """Import the plugins listed in the config.yaml of the run folder that holds `path`."""
+    import yaml
+
+    from cardkit.config import import_plugins
+    from cardkit.engine.rundir import MARKER
+
+    folder = Path(path).resolve()
+    for candidate in [folder, *folder.parents][:5]:
+        if (candidate / "config.yaml").is_file() and (candidate / MARKER).exists():
+            stored = yaml.safe_load((candidate / "config.yaml").read_text())
+            import_plugins(stored.get("plugins") if isinstance(stored, dict) else None)
+            return
 
 
 def _corrupt(args) -> int:
@@ -396,6 +495,30 @@ def _fourier(args) -> int:
     return 0
 
 
+def _import(args) -> int:
+    from cardkit.engine.importer import import_checkpoint
+    from cardkit.numbers import parse_number
+
+    sparsity = None
+    if args.sparsity is not None:
+        try:
+            sparsity = float(parse_number(args.sparsity))
+        except ValueError:
+            raise CardkitError(f"--sparsity given {args.sparsity!r}: not a number; give the fraction of weights "
+                               f"removed, e.g. 0.99") from None
+    result = import_checkpoint(args.file, model=args.model, dataset=args.data, name=args.name,
+                               output_dir=args.output_dir, overrides=args.overrides, layout=args.layout,
+                               sparsity=sparsity, normalize=args.normalize, mean=args.mean, std=args.std,
+                               check_samples=args.check_samples)
+    accuracy = "" if result.clean_accuracy is None else \
+        f"; clean accuracy {result.clean_accuracy:.4f} on {result.samples} test images"
+    folder = result.run_dir if result.variant == "dense" else result.run_dir / result.variant
+    print(f"imported {args.file} ({result.layout} layout, input normalization: {result.normalization}) as "
+          f"{result.variant} model {result.checkpoint}{accuracy}")
+    print(f"next: cardkit evaluate --checkpoint {folder}")
+    return 0
+
+
 def _size(args) -> int:
     import json
 
@@ -425,20 +548,6 @@ def _export(args) -> int:
           f"{result['accounted_bytes']:,} bytes; dense fp32 {result['dense_bytes']:,} bytes "
           f"({result['compression_ratio']:.1f}x); loaded back, outputs differ by at most "
           f"{result['max_abs_difference']:.3g}")
-    return 0
-
-
-def _datasets(args) -> int:
-    from cardkit.data import list_datasets
-
-    print("\n".join(list_datasets()))
-    return 0
-
-
-def _models(args) -> int:
-    from cardkit.models import list_models
-
-    print("\n".join(list_models()))
     return 0
 
 

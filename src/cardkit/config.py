@@ -11,20 +11,23 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import (Field, NonNegativeFloat, NonNegativeInt, PositiveInt, ValidationError,
+from pydantic import (AfterValidator, Field, NonNegativeFloat, NonNegativeInt, PositiveInt, ValidationError,
                       field_validator, model_validator)
 
-from cardkit.attacks import ATTACK_CONFIGS, AutoAttackConfig, PGDAttackConfig
+from cardkit.attacks import ATTACK_CONFIGS, ATTACKS, AutoAttackConfig, PGDAttackConfig
 from cardkit.config_base import Section
 from cardkit.errors import CardkitError
 from cardkit.numbers import Number
-from cardkit.objectives import OBJECTIVE_CONFIGS, NaturalConfig, settled
+from cardkit.registry import import_module
+from cardkit.objectives import OBJECTIVE_CONFIGS, OBJECTIVES, NaturalConfig, settled
 from cardkit.objectives.augment import AUGMENT_CONFIGS, DOMAIN_CONFIGS, AugmentConfig
 from cardkit.prune import METHOD_CONFIGS
+from cardkit.prune.methods import METHODS
 
-ObjectiveConfig = Annotated[Union[tuple(OBJECTIVE_CONFIGS)], Field(discriminator="name")]
-AttackConfig = Annotated[Union[tuple(ATTACK_CONFIGS)], Field(discriminator="name")]
-MethodConfig = Annotated[Union[tuple(METHOD_CONFIGS)], Field(discriminator="name")]
+# Tagged unions over the registries as they stand when a config is validated (plugins included).
+ObjectiveConfig = OBJECTIVES.field
+AttackConfig = ATTACKS.field
+MethodConfig = METHODS.field
 
 TRAIN_STAGES = ("pretrain", "prune", "finetune")
 MAX_CONFIG_BYTES = 1 << 20
@@ -153,6 +156,15 @@ class CorruptionEvalConfig(Section):
         return [_as_value_error(check_severity, s) for s in severities]
 
 
+def _known_bound(method: str) -> str:
+    from cardkit.certify.verify import BOUNDS
+
+    return _as_value_error(BOUNDS.canonical, method)
+
+
+BoundName = Annotated[str, AfterValidator(_known_bound)]
+
+
 class EvaluateConfig(Section):
     @model_validator(mode="before")
     @classmethod
@@ -169,13 +181,16 @@ class EvaluateConfig(Section):
     checkpoint: Literal["last", "best"] = "last"
     # run in order, each on the points every earlier attack failed on (RobustBench's bookkeeping)
     attacks: list[AttackConfig] = Field(default_factory=lambda: [PGDAttackConfig(), AutoAttackConfig()])
-    verify: list[Literal["ibp", "crown_ibp", "crown"]] = Field(default_factory=list)  # Linf bounds
+    verify: list[BoundName] = Field(default_factory=list)  # Linf bound methods: ibp, crown_ibp, crown
     verify_eps: Optional[Number] = Field(None, ge=0)  # default: the threat's eps
     corruption: CorruptionEvalConfig = Field(default_factory=CorruptionEvalConfig)
 
 
 class RunConfig(Section):
     name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")  # one folder under output_dir
+    # modules imported before the rest is validated: they register methods, objectives, datasets,
+    # attacks or models of their own
+    plugins: list[str] = Field(default_factory=list)
     seed: NonNegativeInt = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     output_dir: str = "runs"
@@ -376,7 +391,19 @@ def _apply_override(raw: dict, defaults: dict, item: str) -> None:
 
 
 def _validate(raw: dict) -> RunConfig:
+    import_plugins(raw.get("plugins") if isinstance(raw, dict) else None)
     return validate_section(RunConfig, raw)
+
+
+def import_plugins(modules) -> None:
+    """Import each module a config's `plugins:` names (importing registers what it defines)."""
+    if modules is None:
+        return
+    if not isinstance(modules, list) or not all(isinstance(m, str) and m.strip() for m in modules):
+        raise CardkitError(f"plugins: given {modules!r}; give a list of importable module names, "
+                           f"e.g. [mypackage.methods]")
+    for module in modules:
+        import_module(module, "plugins")
 
 
 def validate_section(root: type[Section], raw: dict):
@@ -442,8 +469,8 @@ def _valid_keys(loc: list[str], root: type[Section]) -> list[str]:
         if _is_tag(loc[:i], part):
             model = next(c for c in _tagged_configs(loc[:i]) if c.model_fields["name"].default == part)
             continue
-        if part.isdigit():  # an item of a list of sections
-            continue
+        if part.isdigit() or _tagged_configs(loc[:i + 1]) or _tagged_configs(loc[:i + 1] + ["0"]):
+            continue  # an item of a list of sections, or a tagged union (its tag comes next)
         annotation = model.model_fields[part].annotation if part in model.model_fields else None
         model = _section_type(annotation)
         if model is None:

@@ -29,6 +29,11 @@ class AttackSettings(Section):
     eps: Optional[Number] = Field(None, ge=0)
     norm: Optional[Norm] = None
 
+    @property
+    def label(self) -> str:
+        """The attack as reported; attacks with settings that matter name them too."""
+        return self.name
+
     def threat(self, run_threat: Threat) -> Threat:
         return Threat(self.norm or run_threat.norm, run_threat.eps if self.eps is None else self.eps)
 

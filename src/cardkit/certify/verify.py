@@ -4,15 +4,40 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Iterable, Literal
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from cardkit.certify.crown import crown_margin_bounds
 from cardkit.certify.ibp import _layers, ibp_margin_bounds
+from cardkit.registry import Registry
 
-BoundMethod = Literal["ibp", "crown_ibp", "crown"]
+BoundMethod = str  # a name of BOUNDS
+MarginBound = Callable[[nn.Module, torch.Tensor, torch.Tensor, float], torch.Tensor]
+BOUNDS: Registry[MarginBound] = Registry("bound method")
+"""Linf bound methods: `(model, x, y, eps) -> lower bounds of the margins y - j` (N x classes-1)."""
+
+
+def _ibp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    """Interval bound propagation (Gowal et al. 2018)."""
+    return ibp_margin_bounds(model, x, y, eps).lower
+
+
+def _crown_ibp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    """CROWN back-substitution on IBP's intermediate bounds (Zhang et al. 2020)."""
+    return crown_margin_bounds(model, x, y, eps, "ibp")
+
+
+def _crown(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    """Full CROWN (Zhang et al. 2018): every layer's bounds by back-substitution."""
+    return crown_margin_bounds(model, x, y, eps, "crown")
+
+
+for _name, _bound in (("ibp", _ibp), ("crown_ibp", _crown_ibp), ("crown", _crown)):
+    BOUNDS.register(_name, _bound)
+
+
 _COEFFICIENT_BUDGET = 1 << 25  # floats held by CROWN's linear coefficients at once (128 MiB)
 
 
@@ -33,15 +58,14 @@ class VerificationResult:
 
 def margin_lower_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
                         method: BoundMethod) -> torch.Tensor:
-    if method == "ibp":
-        return ibp_margin_bounds(model, x, y, eps).lower
-    return crown_margin_bounds(model, x, y, eps, "ibp" if method == "crown_ibp" else "crown")
+    return BOUNDS.lookup(method)(model, x, y, eps)
 
 
 def verified_accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                       eps: float, method: BoundMethod = "crown", split: str = "test") -> VerificationResult:
     """Clean accuracy and Linf verified accuracy; only correctly classified points are bounded.
     The model is evaluated in eval mode and its mode restored afterwards."""
+    BOUNDS.canonical(method)  # an unknown method fails before any work
     was_training = model.training
     model.eval()
     start = time.perf_counter()

@@ -8,7 +8,6 @@ scale with the image side, so 28 x 28 and 8 x 8 inputs get the same visual stren
 
 from __future__ import annotations
 
-import difflib
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -16,6 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from cardkit.errors import CardkitError
+from cardkit.registry import Registry
 
 CorruptionFn = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]
 
@@ -38,32 +38,27 @@ class Corruption:
     fn: CorruptionFn
 
 
-_REGISTRY: dict[str, Corruption] = {}
+# Listed in the paper's order: the benchmark corruptions, the extras, then any others.
+CORRUPTIONS: Registry[Corruption] = Registry(
+    "corruption", order=lambda n: (BENCHMARK + EXTRAS).index(n) if n in BENCHMARK + EXTRAS else len(BENCHMARK + EXTRAS))
 
 
 def register_corruption(name: str) -> Callable[[CorruptionFn], CorruptionFn]:
     def add(fn: CorruptionFn) -> CorruptionFn:
-        if name in _REGISTRY:
-            raise ValueError(f"corruption {name!r} is registered twice")
-        _REGISTRY[name] = Corruption(name, fn)
+        CORRUPTIONS.register(name, Corruption(name, fn))
         return fn
     return add
 
 
 def corruption_names() -> list[str]:
-    """Every registered corruption: the benchmark ones first, then the extras."""
+    """Every registered corruption: the benchmark ones first, then the extras, then any others."""
     _load()
-    order = BENCHMARK + EXTRAS
-    return sorted(_REGISTRY, key=lambda n: order.index(n) if n in order else len(order))
+    return CORRUPTIONS.names()
 
 
 def lookup_corruption(name: str) -> Corruption:
     _load()
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=2)
-        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
-        raise CardkitError(f"unknown corruption {name!r}; {hint}valid: {', '.join(corruption_names())}")
-    return _REGISTRY[name]
+    return CORRUPTIONS.lookup(name)
 
 
 def expand_names(names: Sequence[str]) -> list[str]:

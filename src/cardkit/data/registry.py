@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from cardkit.errors import CardkitError
+from cardkit.registry import Registry
 
 if TYPE_CHECKING:
     from cardkit.data.files import FileRequest
@@ -41,37 +40,27 @@ class RawSplits:
 
 
 Reader = Callable[["FileRequest"], RawSplits]
-_READERS: dict[str, Reader] = {}
+DATASETS: Registry[Reader] = Registry("dataset", normalize=lambda name: name.strip().lower())
 
 
 def register_dataset(name: str) -> Callable[[Reader], Reader]:
     """Register `fn(request) -> RawSplits` under `name`."""
 
     def decorate(fn: Reader) -> Reader:
-        if name in _READERS:
-            raise ValueError(f"dataset {name!r} is already registered")
-        _READERS[name] = fn
-        return fn
+        return DATASETS.register(name, fn)
 
     return decorate
 
 
 def list_datasets() -> list[str]:
     """Sorted names of the registered datasets."""
-    return sorted(_READERS)
+    return sorted(DATASETS)
 
 
 def get_reader(name: str) -> Reader:
-    return _READERS[canonical_name(name)]
+    return DATASETS.lookup(name)
 
 
 def canonical_name(name: str) -> str:
     """The registered spelling of `name` (case and spaces ignored); an unknown name suggests close ones."""
-    key = name.strip().lower()
-    if key in _READERS:
-        return key
-    close = difflib.get_close_matches(key, list_datasets(), n=3, cutoff=0.5)
-    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
-    raise CardkitError(
-        f"unknown dataset {name!r}; {hint}valid names: {', '.join(list_datasets())}; fix the dataset name"
-    )
+    return DATASETS.canonical(name)

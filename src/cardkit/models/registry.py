@@ -1,6 +1,5 @@
 """Name -> factory registry and the single entry point that builds models."""
 
-import difflib
 import inspect
 import json
 import math
@@ -11,8 +10,9 @@ from torch import nn
 from cardkit.errors import CardkitError
 from cardkit.models._common import positive_int
 from cardkit.models.normalize import Normalize
+from cardkit.registry import Registry, import_module
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 _COMMON = ("num_classes", "in_channels", "input_size", "mean", "std")
 DATA_KEYWORDS = _COMMON  # what the dataset decides, never a model option
 _OPTION_KINDS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
@@ -20,21 +20,17 @@ _OPTION_KINDS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYW
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Register a factory under its ``__name__``; its extra keyword parameters become the model's options."""
-    name = fn.__name__
-    if name in _REGISTRY:
-        raise CardkitError(f"model {name!r} is already registered; give the new factory function another name")
     missing = [p for p in _COMMON if p not in inspect.signature(fn).parameters]
     if missing:
         raise CardkitError(
-            f"model factory {name!r} lacks parameters {', '.join(missing)}; "
+            f"model factory {fn.__name__!r} lacks parameters {', '.join(missing)}; "
             f"every factory must accept {', '.join(_COMMON)}"
         )
-    _REGISTRY[name] = fn
-    return fn
+    return MODELS.register(fn.__name__, fn)
 
 
 def list_models() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(MODELS)
 
 
 def create_model(
@@ -46,7 +42,9 @@ def create_model(
     std: Sequence[float] | None = None,
     **kwargs,
 ) -> nn.Module:
-    """Build a registered model for ``[0, 1]`` inputs of shape (in_channels, input_size, input_size).
+    """Build a registered model (or a user's ``package.module:factory``, which gets those of the
+    dataset's values that its signature names) for ``[0, 1]`` inputs of shape
+    (in_channels, input_size, input_size).
 
     ``mean``/``std`` (one value per channel, or one for all) feed the model's
     first layer ``model.normalize``; by default it is the identity. The returned
@@ -64,18 +62,35 @@ def create_model(
     }
     if min(common["std"]) <= 0:
         raise CardkitError(f"{name}: std={common['std']} has a value <= 0; every std must be positive")
-    model = factory(**common, **options)
+    if is_user_factory(name):  # a user's factory takes those of the dataset's values it names
+        accepted = inspect.signature(factory).parameters
+        model = factory(**{k: v for k, v in common.items() if k in accepted}, **options)
+    else:
+        model = factory(**common, **options)
     _check_built(name, model)
     model.arch = {"name": name, **common, "kwargs": options}
     return model
 
 
 def lookup_model(name: str) -> Callable[..., nn.Module]:
-    if isinstance(name, str) and name in _REGISTRY:
-        return _REGISTRY[name]
-    close = difflib.get_close_matches(str(name), list_models(), n=3, cutoff=0.5)
-    hint = f" did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise CardkitError(f"unknown model {name!r};{hint} Registered: {', '.join(list_models())}")
+    """A registered factory, or a user's `package.module:factory` imported by its path."""
+    if isinstance(name, str) and ":" in name:
+        return _imported_factory(name)
+    return MODELS.lookup(name)
+
+
+def is_user_factory(name: str) -> bool:
+    return ":" in name
+
+
+def _imported_factory(path: str) -> Callable[..., nn.Module]:
+    module, _, attribute = path.partition(":")
+    if not module or not attribute.isidentifier():
+        raise CardkitError(f"model {path!r}: write a user factory as 'package.module:function'")
+    factory = getattr(import_module(module, f"model {path!r}"), attribute, None)
+    if not callable(factory):
+        raise CardkitError(f"model {path!r}: module {module!r} has no function {attribute!r}; check the name")
+    return factory
 
 
 def _flatten_arch_kwargs(kwargs: dict) -> dict:
@@ -131,7 +146,10 @@ def _per_channel(values, default: float, what: str, in_channels: int, name: str)
 
 
 def _check_built(name: str, model) -> None:
-    if not isinstance(model, nn.Module) or not isinstance(getattr(model, "normalize", None), Normalize):
+    if is_user_factory(name) and not isinstance(model, nn.Module):
+        raise CardkitError(f"model factory {name!r} returned {type(model).__name__}; it must return an nn.Module")
+    if not is_user_factory(name) and not (isinstance(model, nn.Module)
+                                          and isinstance(getattr(model, "normalize", None), Normalize)):
         raise CardkitError(
             f"model factory {name!r} returned {type(model).__name__}; it must return an nn.Module "
             f"whose attribute `normalize` is a Normalize layer applied first"

@@ -29,6 +29,8 @@ class _BoundConfig(Section):
 
 
 class IBPConfig(_BoundConfig):
+    """Certified training on the IBP bound loss (Gowal et al. 2018), mixed with the clean loss."""
+
     name: Literal["ibp"] = "ibp"
 
 

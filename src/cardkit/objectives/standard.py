@@ -15,6 +15,8 @@ from cardkit.objectives.registry import Objective, register_objective
 
 
 class NaturalConfig(Section):
+    """Cross-entropy on clean inputs."""
+
     name: Literal["natural"] = "natural"
 
 
@@ -43,6 +45,8 @@ class PGDATConfig(_AttackedConfig):
 
 
 class TradesConfig(_AttackedConfig):
+    """TRADES (Zhang et al. 2019): CE(x) + beta x KL(f(x) || f(x_adv)), x_adv maximising the KL."""
+
     name: Literal["trades"] = "trades"
     beta: Number = Field(6.0, ge=0)
 
