@@ -173,10 +173,16 @@ def _check_torch_archive(file: Path, path: Path) -> None:
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
         raise CardkitError(f"checkpoint '{path}': optimizer.pt is not a zip archive written by torch.save "
                            f"({err}); delete the checkpoint folder to restart this stage") from None
-    stored = all(e.compress_type == zipfile.ZIP_STORED and e.file_size == e.compress_size for e in entries)
-    if not stored or sum(e.file_size for e in entries) > file.stat().st_size:
+    if not archive_as_saved(entries, file.stat().st_size):
         raise CardkitError(f"checkpoint '{path}': optimizer.pt holds compressed or oversized entries, which "
                            f"torch.save never writes; the checkpoint is corrupt or was edited")
+
+
+def archive_as_saved(entries: list[zipfile.ZipInfo], size: int) -> bool:
+    """Whether zip entries are as torch.save writes them: stored uncompressed, together within
+    the file's `size` bytes."""
+    stored = all(e.compress_type == zipfile.ZIP_STORED and e.file_size == e.compress_size for e in entries)
+    return stored and sum(e.file_size for e in entries) <= size
 
 
 def _verify_files(path: Path, files: dict) -> None:
