@@ -16,10 +16,12 @@ import torch.nn.functional as F
 
 from cardkit.cli import main
 from cardkit.data import load_dataset
+from cardkit.engine import prune_checkpoint
 from cardkit.engine.checkpoint import load_checkpoint
 from cardkit.engine.importer import import_checkpoint
 from cardkit.engine.pipeline import model_from_checkpoint
 from cardkit.errors import CardkitError
+from cardkit.prune import HydraConfig
 
 X = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))  # digits-sized inputs
 
@@ -290,6 +292,22 @@ def test_hydra_masks_of_a_hand_made_case_and_the_dense_parent(tmp_path):
         torch.testing.assert_close(imported_model(result)(X), sequential_forward(subnet_weights(state, 0.25), X))
 
 
+def test_cardkit_prune_fine_tunes_an_imported_hydra_variant_under_its_masks(tmp_path):
+    import_(tmp_path, sequential_state(seed=4), "cnn_small")
+    hydra = import_(tmp_path, sequential_state(hydra=True), "cnn_small", sparsity=0.9)
+    imported = load_checkpoint(hydra.checkpoint).model_state()
+    result = prune_checkpoint(tmp_path / "runs" / "run", HydraConfig(sparsity=0.9),
+                              ["finetune.epochs=1", "evaluate.attacks=[{name: pgd, steps: 1}]"])
+    # The imported prune stage counts as finished: nothing trains there, the fine-tuning runs.
+    assert result.history["hydra-0.9/prune"] == [] and len(result.history["hydra-0.9/finetune"]) == 1
+    tuned = load_checkpoint(tmp_path / "runs" / "run" / "hydra-0.9" / "finetune" / "checkpoints").model_state()
+    for layer in ("conv1", "conv2", "fc1", "fc2"):
+        assert torch.equal(tuned[f"{layer}.mask"], imported[f"{layer}.mask"])
+    # HYDRA keeps 256 - int(0.9 x 256) = 26, 820, 1280 and 100 weights (a rounded count keeps 819 of conv2's 8192).
+    metrics = json.loads((tmp_path / "runs" / "run" / "hydra-0.9" / "evaluate" / "metrics.json").read_text())
+    assert [layer["kept"] for layer in metrics["layers"]] == [26, 820, 1280, 100]
+
+
 def test_hydra_files_need_their_sparsity_and_sparsity_0_imports_them_dense(tmp_path):
     state = sequential_state(hydra=True)
     with pytest.raises(CardkitError, match=r"HYDRA checkpoint .* give --sparsity S"):
@@ -312,7 +330,8 @@ def test_a_mismatch_names_the_missing_and_unexpected_keys_in_one_line(tmp_path, 
     with pytest.raises(CardkitError) as error:
         import_(tmp_path, state, "wrn", {"depth": 10, "width": 2})
     message = str(error.value)
-    assert "\n" not in message and "closest of the layouts cardkit, wrn, preact_resnet, resnet, sequential (wrn)" in message
+    assert "\n" not in message
+    assert "closest of the layouts cardkit, wrn, preact_resnet, resnet, sequential (wrn)" in message
     assert "3 (bn_out.running_var, fc.weight, fc.bias) of the model's keys missing" in message
     assert "2 (classifier.weight, classifier.bias) of the file's keys unknown" in message
     # The same file on the command line: one line, exit code 2, the first keys and a count.
@@ -336,7 +355,7 @@ def test_files_that_need_pickle_or_hold_no_state_dict_are_refused(tmp_path):
     with pytest.raises(CardkitError, match=r"holds a argparse.Namespace besides tensors.*weights_only"):
         import_checkpoint(file, model="cnn_small", dataset="digits", output_dir=tmp_path)
     (tmp_path / "garbage.pt").write_bytes(b"not a torch file")
-    with pytest.raises(CardkitError, match=r"cannot be read as a torch.save file \(Unsupported operand 110\)"):
+    with pytest.raises(CardkitError, match="cannot be read as a torch.save file"):
         import_checkpoint(tmp_path / "garbage.pt", model="cnn_small", dataset="digits", output_dir=tmp_path)
     torch.save({"epoch": 3, "arch": "wrn_28_4"}, tmp_path / "meta.pt")
     with pytest.raises(CardkitError, match=r"holds no state dict: 2 of its 2 entries are not tensors \('epoch' \(int\)"):
