@@ -243,7 +243,7 @@ def _normalization(normalize: str, mean, std, own, data) -> tuple[tuple, str]:
         chosen, source = own, "checkpoint"
     else:
         chosen, source = (None, None), "none"
-    if own is not None and source != "checkpoint":
+    if own is not None and chosen != own:
         log.warning("the file's own input normalization (mean %s, std %s) is replaced by %s", own[0], own[1],
                     "the identity" if chosen[0] is None else f"mean {chosen[0]}, std {chosen[1]}")
     return chosen, source
