@@ -151,8 +151,7 @@ def run_name(path: Path) -> str:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The state dict a torch.save file holds, from inside its container, without prefixes."""
-    loaded = _load_file(path)
-    found = loaded
+    found = _load_file(path)
     while isinstance(found, dict) and not _all_tensors(found):
         key = next((k for k in CONTAINERS if isinstance(found.get(k), dict)), None)
         if key is None:
