@@ -1,0 +1,87 @@
+"""Checks parametrized over the registries themselves: a new objective, attack, bound method or
+corruption is tested here as soon as it is registered."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cardkit.attacks import ATTACKS, Threat
+from cardkit.certify.verify import BOUNDS
+from cardkit.corrupt import corrupt
+from cardkit.corrupt.registry import corruption_names
+from cardkit.eval import evaluate_robustness
+from cardkit.models import create_model
+from cardkit.objectives import OBJECTIVES, build_objective
+
+# Objectives whose loss at eps 0 is not plain cross-entropy, and why.
+NOT_CE_AT_EPS_0 = {"gaussian": "trains on noisy inputs whatever the threat's eps",
+                   "mixtrain": "adds bound_weight x the bound loss of a random part of the batch"}
+
+
+def small_net(seed=0):
+    torch.manual_seed(seed)
+    return create_model("cnn_small", num_classes=10, in_channels=1, input_size=8, width=0.5).eval()
+
+
+def batch(n=12, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 8, 8, generator=generator), torch.randint(0, 10, (n,), generator=generator)
+
+
+@pytest.mark.parametrize("config_cls", OBJECTIVES.configs, ids=OBJECTIVES.names())
+def test_every_objective_at_eps_0_is_cross_entropy_and_trains_every_weight(config_cls):
+    """At eps 0 the adversarial point is the clean point and every certified bound is exact, so each
+    robust objective's loss is the clean cross-entropy (whatever its weights between the terms)."""
+    model, (x, y) = small_net(), batch()
+    model.train()
+    out = build_objective(config_cls(), Threat("linf", 0.0))(model, x, y)
+    model.eval()
+    reference = F.cross_entropy(model(x), y)
+    if config_cls().name not in NOT_CE_AT_EPS_0:
+        assert torch.allclose(out["loss"], reference, rtol=1e-5, atol=1e-6), (out["loss"], reference)
+    elif config_cls().name == "mixtrain":  # CE of the batch + CE of a part of it
+        assert out["loss"] > reference + 1e-3
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", ATTACKS.names())
+def test_every_attack_fools_no_point_in_a_tiny_ball_and_most_in_a_large_one(name):
+    model, (x, y) = small_net(), batch(n=20)
+    y = model(x).argmax(1)  # every point starts correct
+    config = ATTACKS.config(name)
+    logits = model(x).detach()
+    assert (logits.topk(2).values.diff(dim=1).abs() > 1e-4).all()  # no point within 1e-7 of a boundary
+    tiny = evaluate_robustness(model, x, y, Threat("linf", 1e-7), [config], checks=False)
+    assert tiny.clean_accuracy == 1.0 and tiny.robust_accuracy == 1.0
+    large = evaluate_robustness(model, x, y, Threat("linf", 0.5), [config], checks=False)
+    assert large.robust_accuracy < 0.5
+
+
+@pytest.mark.parametrize("name", BOUNDS.names())
+def test_every_bound_method_is_exact_at_eps_0_and_below_every_sampled_margin(name):
+    model, (x, y) = small_net(), batch()
+    bound = BOUNDS.lookup(name)
+    with torch.no_grad():
+        logits = model(x)
+        margins = logits.gather(1, y[:, None]) - logits
+        exact = margins[torch.arange(10)[None] != y[:, None]].view(len(y), 9)
+        assert torch.allclose(bound(model, x, y, 0.0), exact, atol=1e-5)
+        lower = bound(model, x, y, 0.05)
+        for _ in range(20):
+            noisy = (x + torch.empty_like(x).uniform_(-0.05, 0.05)).clamp(0, 1)
+            out = model(noisy)
+            sampled = (out.gather(1, y[:, None]) - out)[torch.arange(10)[None] != y[:, None]].view(len(y), 9)
+            assert (lower <= sampled + 1e-5).all()
+
+
+@pytest.mark.parametrize("name", corruption_names())
+def test_every_corruption_is_seeded_and_changes_the_image_more_at_severity_5_than_1(name):
+    rng = np.random.default_rng(0)
+    images = rng.integers(40, 216, (4, 32, 32, 3), dtype=np.uint8)
+    mild, strong = corrupt(images, name, 1, seed=3), corrupt(images, name, 5, seed=3)
+    assert np.array_equal(mild, corrupt(images, name, 1, seed=3))
+    change = lambda out: np.abs(out.astype(int) - images).mean()  # noqa: E731
+    assert 0 < change(mild) < change(strong) or name in ("frost", "elastic_transform")
