@@ -1,5 +1,6 @@
 """ATMC: factorized layers, the global budget, ADMM, hard quantization, size targets, the pipeline."""
 
+import copy
 import json
 import math
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cardkit.prune as prune_module
 import cardkit.prune.atmc as atmc_module
 from cardkit.attacks import Threat
 from cardkit.certify.ibp import ibp_bounds
@@ -43,14 +45,14 @@ def dense_count(net):
     return sum(m.weight.numel() for _, m in prunable_layers(net))
 
 
-def train_steps(net, setup, steps, total=None, lr=0.05):
-    """`steps` optimizer steps of a stage of `total` (default: `steps`) on the ATMC loss, calling
-    the schedule as the trainer does."""
+def train_steps(net, setup, steps, total=None, lr=0.05, optimizer=None, first=1):
+    """`steps` optimizer steps (from step `first`) of a stage of `total` (default: `steps`) on the
+    ATMC loss, calling the schedule as the trainer does."""
     objective = build_objective(PGDATConfig(steps=2, clean_weight=0.5, adversarial_weight=0.5),
                                 Threat("linf", 0.1))
-    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
+    optimizer = optimizer or torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
     x, y = data()
-    for step in range(1, steps + 1):
+    for step in range(first, first + steps):
         loss = objective(net, x, y)["loss"] + setup.regularizer()
         optimizer.zero_grad()
         loss.backward()
@@ -256,6 +258,53 @@ def test_size_ratio_target_is_met_and_an_unreachable_ratio_is_a_clear_error():
     assert "\n" not in str(err.value)
 
 
+def counting(monkeypatch):
+    """Counts the SVDs and k-means fits (or nearest-centre assignments) made from now on."""
+    calls = {"svd": 0, "kmeans": 0}
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(torch.linalg, "svd", counted("svd", torch.linalg.svd))
+    monkeypatch.setattr(atmc_module, "quantize_kmeans", counted("kmeans", atmc_module.quantize_kmeans))
+    return calls
+
+
+def test_a_restored_prune_stage_continues_exactly_without_rerunning_the_start(monkeypatch):
+    """Restoring builds the factorized layers and takes masks, factors, codebooks, ADMM state and
+    the size_ratio budget from the state: no SVD, no k-means, no budget search. Continued to the
+    last step (whose size check shrinks the budget here), it ends exactly where the uninterrupted
+    stage ends."""
+    config = AtmcConfig(size_ratio=0.05, bits=4, prune_interval=2, quant_interval=2)
+    net = model()
+    setup = prune_model(net, config)
+    assert setup.group.dense_bits == model_size(model()).dense_bits  # the dense model's, before factorizing
+    optimizer = train_steps(net, setup, 3, total=6)
+    saved, moments = net.state_dict(), copy.deepcopy(optimizer.state_dict())
+    restored = model(seed=3)  # other weights: everything must come from the state
+    calls = counting(monkeypatch)
+    resumed = prune_module.restore_method(restored, config)
+    restored.load_state_dict(saved)
+    assert calls == {"svd": 0, "kmeans": 0}
+    assert resumed.group.budget == setup.group.budget and resumed.group.target_bits == setup.group.target_bits
+    monkeypatch.undo()
+    resumed_optimizer = torch.optim.SGD(restored.parameters(), lr=0.05, momentum=0.9)
+    resumed_optimizer.load_state_dict(moments)
+    for group in (setup.group, resumed.group):
+        group.budget = 3 * group.budget  # too generous: the last step must shrink it
+    torch.manual_seed(5)
+    train_steps(net, setup, 3, total=6, optimizer=optimizer, first=4)
+    torch.manual_seed(5)
+    train_steps(restored, resumed, 3, total=6, optimizer=resumed_optimizer, first=4)
+    assert kept_total(net) < setup.group.budget  # the last step shrank the budget
+    assert resumed.group.fixed_bits == setup.group.fixed_bits
+    ours, theirs = restored.state_dict(), net.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
 def test_a_tight_ratio_shrinks_the_budget_at_the_last_step():
     net = model()
     dense_bits = model_size(net).dense_bits
@@ -359,6 +408,8 @@ def test_a_killed_prune_stage_resumes_to_the_same_factors(tmp_path, monkeypatch,
     killed = load_checkpoint(config.run_dir / "atmc-0.9-4bit" / "prune" / "checkpoints")
     assert killed.meta["state"]["step"] == 8
     monkeypatch.undo()
+    counting(monkeypatch)
+    monkeypatch.setattr(torch.linalg, "svd", None)  # the resumed stage restores its factors: no SVD
     run_pipeline(config)
     ours = load_checkpoint(config.run_dir / "atmc-0.9-4bit" / "prune" / "checkpoints").model_state()
     theirs = load_checkpoint(reference.run_dir / "atmc-0.9-4bit" / "prune" / "checkpoints").model_state()

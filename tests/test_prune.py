@@ -7,9 +7,12 @@ import torch.nn.functional as F
 from cardkit.attacks import Threat
 from cardkit.models import create_model
 from cardkit.objectives import PGDATConfig, build_objective
-from cardkit.prune import (HydraConfig, MagnitudeConfig, MaskGroup, kept_count, masked_layers,
-                           method_config, prune_model, restore_masks, sparsity_report)
+import cardkit.prune.masked as masked_module
+from cardkit.prune import (BipropConfig, EdgePopupConfig, GMPConfig, HydraConfig, LotteryConfig,
+                           MagnitudeConfig, MaskGroup, kept_count, masked_layers, method_config,
+                           prune_model, restore_masks, sparsity_report)
 from cardkit.errors import CardkitError
+from cardkit.prune.atmc import AtmcConfig
 from cardkit.prune.masked import binary_scale
 
 
@@ -254,3 +257,34 @@ def test_kmeans_codebooks_follow_optimizer_steps_but_not_reloads():
     assert not torch.equal(layer.codebook, fitted) and layer.codebook[0] == 0
     q = layer.quantized()
     assert torch.equal(q.values, torch.where(layer.mask != 0, layer.codebook[q.codes], 0))
+
+
+@pytest.mark.parametrize("config", [
+    MagnitudeConfig(sparsity=0.8), MagnitudeConfig(sparsity=0.5, quantize={"bits": 4, "per_channel": True}),
+    HydraConfig(sparsity=0.9, quantize={"bits": 3, "scheme": "kmeans"}), EdgePopupConfig(sparsity=0.6),
+    BipropConfig(sparsity=0.5), GMPConfig(sparsity=0.8), LotteryConfig(sparsity=0.9),
+    AtmcConfig(size_ratio=0.1, bits=4)], ids=lambda config: config.label)
+def test_a_restored_model_computes_what_the_pruned_one_does_without_rerunning_the_start(config, monkeypatch):
+    """restore_masks builds the method's layers and the loaded state gives their values: it draws
+    no random numbers (edge-popup's, biprop's weights), fits no codebook and factorizes nothing."""
+    pruned = model().eval()
+    prune_model(pruned, config)
+    restored = model(seed=1).eval()  # other weights: everything must come from the state
+    calls = {"kmeans": 0}
+
+    def kmeans(*args, **kwargs):
+        calls["kmeans"] += 1
+        return quantize_kmeans(*args, **kwargs)
+
+    quantize_kmeans = masked_module.quantize_kmeans
+    monkeypatch.setattr(masked_module, "quantize_kmeans", kmeans)
+    monkeypatch.setattr("cardkit.prune.atmc.quantize_kmeans", kmeans)
+    monkeypatch.setattr(torch.linalg, "svd", None)
+    random_state = torch.get_rng_state()
+    group = restore_masks(restored, config)
+    restored.load_state_dict(pruned.state_dict())
+    group.enforce()  # as after loading a checkpoint: score-trained weights get their masks baked in
+    assert calls["kmeans"] == 0 and torch.equal(torch.get_rng_state(), random_state)
+    x, _ = data()
+    with torch.no_grad():
+        assert torch.equal(restored(x), pruned(x))

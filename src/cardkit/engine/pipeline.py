@@ -16,13 +16,14 @@ Layout of a run folder (`output_dir/name/`):
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import yaml
@@ -46,10 +47,10 @@ from cardkit.eval import RobustnessResult, evaluate_robustness
 from cardkit.eval.corruption import CorruptionResult, evaluate_corruptions
 from cardkit.eval.fourier import FourierHeatMap, fourier_heat_map, save_heat_map
 from cardkit.models import create_model
-from cardkit.objectives import build_objective
+from cardkit.objectives import Objective, build_objective
 from cardkit.objectives.augment import stage_domain, with_augmentation
-from cardkit.prune import (LotteryConfig, MaskGroup, method_config, prune_model, prune_round,
-                           restore_masks, sparsity_report, thin_layers, to_structured)
+from cardkit.prune import (MaskGroup, PruneContext, PruneSetup, method_config, prune_model, restore_masks,
+                           restore_method, sparsity_report, thin_layers)
 from cardkit.prune.structured import create_structured
 from cardkit.train import Trainer, TrainState, build_optimizer
 from cardkit.train.trainer import derive_seed
@@ -129,10 +130,9 @@ def _run_stages(run: _Run, evaluate_dense: bool) -> RunResult:
     stages = config.pipeline
     if "pretrain" in stages:
         model = run.fresh_model()
-        rewind_epochs = {m.rewind_epoch for m in config.prune.methods
-                         if isinstance(m, LotteryConfig) and m.rewind == "weights"}
+        kept = set().union(*(m.kept_pretrain_epochs for m in config.prune.methods))  # e.g. rewind points
         result.history["pretrain"] = _train_stage(run, "pretrain", run_dir / "pretrain", model, stage_id=0,
-                                                  keep_epochs=rewind_epochs)
+                                                  keep_epochs=kept)
         if "evaluate" in stages and evaluate_dense:
             checkpoint = load_checkpoint(run_dir / "pretrain" / "checkpoints", config.evaluate.checkpoint)
             load_model_state(model, checkpoint)
@@ -154,24 +154,18 @@ def _run_variant(run: _Run, method: Section, index: int, result: RunResult) -> N
     parent = load_checkpoint(config.run_dir / "pretrain" / "checkpoints",
                              config.prune.start_from or config.evaluate.checkpoint)
     load_model_state(model, parent)
-    setup = prune_model(model, method)
-    _warn_thin_layers(method, setup)
-    model = setup.model
-    meta = {"pruning": method.model_dump(mode="json"), "parent": str(parent.path.relative_to(config.run_dir))}
-    source = "prune"
-    if isinstance(method, LotteryConfig):
-        _lottery_rounds(run, method, folder, model, setup.group, meta, stage_id("prune"), result)
-    elif setup.trains:
-        result.history[f"{method.label}/prune"] = _train_stage(
-            run, "prune", folder / "prune", model, stage_id=stage_id("prune"), meta=meta,
-            before_save=setup.group.refresh,  # the saved masks match the saved scores
-            on_step=setup.after_step, regularizer=setup.regularizer)
-        if method.scope == "structured":  # channels ranked by the trained scores
-            source = "rebuild"
-            _save_one_shot(folder / source, lambda: to_structured(model, method), config, meta,
-                           trained_in="prune")
+    if _has_checkpoints(folder / "prune"):  # the method started before: its checkpoints hold its state
+        setup = restore_method(model, method)
     else:
-        _save_one_shot(folder / source, lambda: model, config, meta)
+        setup = prune_model(model, method, _prune_context(run, model, stage_id("prune")))
+        _warn_thin_layers(method, setup)
+    meta = {"pruning": method.model_dump(mode="json"), "parent": str(parent.path.relative_to(config.run_dir))}
+    stage = _PruneStage(run, method.label, folder / "prune", setup, meta, stage_id("prune"), result)
+    stage.execute()
+    source = "prune"
+    if setup.finish is not None:  # e.g. a structural rebuild, from the trained scores
+        source = "rebuild"
+        _save_one_shot(folder / source, setup.finish, config, meta, trained_in="prune")
     last_stage = source
     if "finetune" in config.pipeline:
         start = load_checkpoint(folder / source / "checkpoints")
@@ -187,6 +181,60 @@ def _run_variant(run: _Run, method: Section, index: int, result: RunResult) -> N
         result.evaluations.append(_evaluate(run, method.label, model, folder, checkpoint))
 
 
+def _has_checkpoints(folder: Path) -> bool:
+    """Whether any stage under `folder` saved a checkpoint (a pointer names it)."""
+    return any(pointer.parent.name == "checkpoints" for pointer in folder.rglob("last.json"))
+
+
+def _prune_context(run: _Run, model: nn.Module, stage_id: int) -> PruneContext:
+    """What a method's start may use: the prune stage's training batches and objective."""
+    config = run.config
+    seed = derive_seed(config.seed, stage_id, 0, 2)
+    return PruneContext(model=model, batches=_training_batches(run, seed), objective=_objective(config, "prune"),
+                        threat=_threat(config), seed=seed, stage=config.prune)
+
+
+@dataclass
+class _PruneStage:
+    """The prune stage of one variant: the pipeline's (the method's scores or weights train in
+    prune/, or a one-shot mask is saved there) unless the method runs it (`PruneSetup.run_stage`,
+    which drives this object as a `cardkit.prune.PruneStage`)."""
+
+    run: _Run
+    label: str
+    folder: Path  # <variant>/prune
+    setup: PruneSetup
+    meta: dict
+    stage_id: int
+    result: RunResult
+
+    def execute(self) -> None:
+        setup = self.setup
+        if setup.run_stage is not None:
+            setup.run_stage(self)
+        elif setup.trains:
+            group = setup.group
+            self.result.history[f"{self.label}/prune"] = _train_stage(
+                self.run, "prune", self.folder, setup.model, stage_id=self.stage_id, meta=self.meta,
+                before_save=group.refresh if group is not None else None,  # the saved masks match the saved scores
+                on_step=setup.after_step, regularizer=setup.regularizer)
+        else:
+            self.save("", lambda: setup.model, trained=False)
+
+    def pretrain_state(self, epoch: int) -> Optional[dict[str, torch.Tensor]]:
+        folder, pointer = self.run.config.run_dir / "pretrain" / "checkpoints", f"epoch-{epoch}"
+        return load_checkpoint(folder, pointer).model_state() if has_checkpoint(folder, pointer) else None
+
+    def train(self, part: str, start: str, offset: int) -> None:
+        self.result.history[f"{self.label}/prune/{part}"] = _train_stage(
+            self.run, "prune", self.folder / part, self.setup.model, stage_id=self.stage_id + offset,
+            meta=self.meta, start=load_checkpoint(self.folder / start / "checkpoints"), group=self.setup.group)
+
+    def save(self, part: str, make_model: Callable[[], nn.Module], trained: bool) -> None:
+        _save_one_shot(self.folder / part, make_model, self.run.config, self.meta,
+                       trained_in="prune" if trained else "pretrain")
+
+
 def _warn_thin_layers(method: Section, setup) -> None:
     thin = thin_layers(setup.model, setup.group) if setup.group is not None else []
     if thin:
@@ -194,40 +242,6 @@ def _warn_thin_layers(method: Section, setup) -> None:
         log.warning("%s: %s%s; the same sparsity in every layer starves the small ones: scope: global "
                     "(--scope global) lets the budget move between layers", method.label, listed,
                     f" (and {len(thin) - 3} more)" if len(thin) > 3 else "")
-
-
-def _lottery_rounds(run: _Run, method: LotteryConfig, folder: Path, model: nn.Module, group: MaskGroup,
-                    meta: dict, stage_id: int, result: RunResult) -> None:
-    """Iterative magnitude pruning in the prune stage: round r prunes the trained weights to the
-    r-th sparsity and rewinds (prune/round-r/), then retrains under the mask (prune/train-r/). The
-    last round's pruned model is the stage's checkpoint (prune/), which the finetune stage retrains."""
-    rewind_state = _rewind_state(run.config, method) if method.rewind == "weights" else None
-
-    def pruned(round: int) -> nn.Module:
-        prune_round(model, group, method.round_sparsity(round), rewind_state)
-        return model
-
-    prune_dir = folder / "prune"
-    for round in range(1, method.rounds + 1):
-        if round > 1:
-            start = load_checkpoint(prune_dir / f"round-{round - 1}" / "checkpoints")
-            result.history[f"{method.label}/prune/train-{round - 1}"] = _train_stage(
-                run, "prune", prune_dir / f"train-{round - 1}", model, stage_id=stage_id + round,
-                meta=meta, start=start, group=group)
-        target = prune_dir if round == method.rounds else prune_dir / f"round-{round}"
-        _save_one_shot(target, lambda: pruned(round), run.config, meta,
-                       trained_in="prune" if round > 1 else "pretrain")
-
-
-def _rewind_state(config: RunConfig, method: LotteryConfig) -> dict[str, torch.Tensor]:
-    folder = config.run_dir / "pretrain" / "checkpoints"
-    pointer = f"epoch-{method.rewind_epoch}"
-    if not has_checkpoint(folder, pointer):
-        raise CardkitError(f"{method.label}: the pretrain stage kept no checkpoint of epoch "
-                           f"{method.rewind_epoch} to rewind to (it keeps one only when the config lists "
-                           f"this method before pretraining); use rewind: lr, or run the pipeline "
-                           f"with the lottery method from the start")
-    return load_checkpoint(folder, pointer).model_state()
 
 
 def prune_checkpoint(path: str | Path, method: Section, overrides: list[str] = (), *,
@@ -312,15 +326,13 @@ def model_from_checkpoint(checkpoint: Checkpoint) -> nn.Module:
 
 def _model_for(checkpoint: Checkpoint, run: _Run | None = None) -> tuple[nn.Module, MaskGroup | None]:
     arch, pruning = checkpoint.meta["arch"], checkpoint.meta.get("pruning")
-    group = None
     if "structured" in arch:
         model = create_structured(arch)
     else:
         model = create_model(arch["name"], num_classes=arch["num_classes"],
                              in_channels=arch["in_channels"], input_size=arch["input_size"],
                              mean=arch["mean"], std=arch["std"], **arch.get("kwargs", {}))
-        if pruning:
-            group = restore_masks(model, method_config(**pruning))
+    group = restore_masks(model, method_config(**pruning)) if pruning else None
     if run is not None:
         model = model.to(run.device)
         if run.config.model.channels_last:
@@ -389,14 +401,10 @@ def _train_stage(run: _Run, stage: str, folder: Path, model: nn.Module, *, stage
     if state.epoch >= stage_config.epochs:
         log.info("%s: already complete (%d epochs)", folder.relative_to(config.run_dir), state.epoch)
         return history
-    augmentation = Augmentation(crop_padding=config.data.crop_padding, hflip=config.data.hflip)
-    memory_format = torch.channels_last if config.model.channels_last else torch.contiguous_format
-    loader = BatchLoader(run.splits.train, config.data.batch_size, shuffle=True, augmentation=augmentation,
-                         device=run.device, drop_last=len(run.splits.train) > config.data.batch_size,
-                         memory_format=memory_format)
+    loader = _train_loader(run)
     eval_split = "val" if run.splits.val is not None else "test"
     eval_data = _subset(getattr(run.splits, eval_split), stage_config.eval_samples, config.seed)
-    threat = Threat(config.threat.norm, config.threat.eps)
+    threat = _threat(config)
 
     selection = [PGDAttackConfig(steps=stage_config.eval_pgd_steps)] if stage_config.eval_pgd_steps else []
 
@@ -420,13 +428,39 @@ def _train_stage(run: _Run, stage: str, folder: Path, model: nn.Module, *, stage
 
     forward_model = torch.compile(model) if config.model.compile else model
     describe = str(folder.relative_to(config.run_dir))
-    objective = with_augmentation(build_objective(stage_config.objective, threat), stage_config.augment)
-    trainer = Trainer(model, objective, stage_config, loader,
+    trainer = Trainer(model, _objective(config, stage), stage_config, loader,
                       optimizer, seed=config.seed, stage_id=stage_id, evaluate=evaluate, save=save,
                       forward_model=forward_model, progress=run.progress, describe=describe,
                       on_step=on_step, regularizer=regularizer)
     state.history = history
     return trainer.fit(state).history
+
+
+def _train_loader(run: _Run) -> BatchLoader:
+    """The training batches of every stage: shuffled and augmented, in the model's memory format."""
+    config = run.config
+    augmentation = Augmentation(crop_padding=config.data.crop_padding, hflip=config.data.hflip)
+    memory_format = torch.channels_last if config.model.channels_last else torch.contiguous_format
+    return BatchLoader(run.splits.train, config.data.batch_size, shuffle=True, augmentation=augmentation,
+                       device=run.device, drop_last=len(run.splits.train) > config.data.batch_size,
+                       memory_format=memory_format)
+
+
+def _training_batches(run: _Run, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Training batches, epoch after epoch, in an order that `seed` fixes (the loader is built at
+    the first batch asked for)."""
+    loader = _train_loader(run)
+    for epoch in itertools.count():
+        yield from loader.epoch(derive_seed(seed, epoch))
+
+
+def _objective(config: RunConfig, stage: str) -> Objective:
+    stage_config = getattr(config, stage)
+    return with_augmentation(build_objective(stage_config.objective, _threat(config)), stage_config.augment)
+
+
+def _threat(config: RunConfig) -> Threat:
+    return Threat(config.threat.norm, config.threat.eps)
 
 
 def _warn_objective_switch(config: RunConfig, stage: str) -> None:
@@ -464,7 +498,7 @@ def _evaluate(run: _Run, variant: str, model: nn.Module, folder: Path,
     ev = config.evaluate
     data = _subset(getattr(run.splits, ev.split), ev.samples, config.seed)
     loader = BatchLoader(data, config.data.eval_batch_size, device=run.device)
-    threat = Threat(config.threat.norm, config.threat.eps)
+    threat = _threat(config)
     state_file = folder / "evaluate" / "attack-state.safetensors"
     key = evaluation_key({"checkpoint": str(checkpoint.path), "split": ev.split, "samples": len(data),
                           "seed": config.seed, "threat": [threat.norm, threat.eps],

@@ -3,15 +3,17 @@
 from cardkit.prune.masked import (MaskedConv2d, MaskedLayer, MaskedLinear, MaskGroup, add_masks,
                                   kept_count, masked_layers, prunable_layers, thin_layers)
 from cardkit.prune.methods import (METHOD_CONFIGS, BipropConfig, EdgePopupConfig, GMPConfig, HydraConfig,
-                                   LotteryConfig, prune_round,
-                                   MagnitudeConfig, PruneSetup,
-                                   method_config, method_names, prune_model, register_method,
-                                   restore_masks, to_structured)
+                                   LotteryConfig, MagnitudeConfig, PruneContext, PruneMethodConfig,
+                                   PruneSetup, PruneStage, SparsityConfig, method_config, method_names,
+                                   prune_model, prune_round, register_method, restore_masks, restore_method,
+                                   to_structured)
 from cardkit.prune.report import sparsity_report
-from cardkit.prune.atmc import AtmcConfig  # noqa: F401  (registers the atmc method)
+# Importing the method modules registers them (after the built-ins above, in this order).
+from cardkit.prune.atmc import AtmcConfig  # noqa: F401
 
 __all__ = ["MaskedConv2d", "MaskedLayer", "MaskedLinear", "MaskGroup", "add_masks", "kept_count",
-           "masked_layers", "prunable_layers", "METHOD_CONFIGS", "BipropConfig", "EdgePopupConfig", "GMPConfig", "LotteryConfig", "prune_round",
-           "HydraConfig", "MagnitudeConfig",
-           "PruneSetup", "method_config", "method_names", "prune_model", "register_method",
-           "restore_masks", "sparsity_report", "thin_layers", "to_structured"]
+           "masked_layers", "prunable_layers", "METHOD_CONFIGS", "BipropConfig", "EdgePopupConfig",
+           "GMPConfig", "HydraConfig", "LotteryConfig", "MagnitudeConfig", "PruneContext",
+           "PruneMethodConfig", "PruneSetup", "PruneStage", "SparsityConfig", "method_config",
+           "method_names", "prune_model", "prune_round", "register_method", "restore_masks",
+           "restore_method", "sparsity_report", "thin_layers", "to_structured", "AtmcConfig"]

@@ -23,8 +23,10 @@ The stage's last step projects once more and quantizes for good (the hard phase)
 forward uses the nearest codebook centre of every kept entry, the gradient passes straight through
 to the float factors, and masks and codebooks stay fixed (fine-tuning trains theta only).
 
-All state (masks, codebooks, Z, Lambda, phase) is in buffers and the schedule is a function of the
-step count, so a resumed run continues exactly as an uninterrupted one.
+All state (masks, codebooks, Z, Lambda, phase) is in buffers, the budget is the count the masks
+keep, and the schedule is a function of the step count, so a resumed run continues exactly as an
+uninterrupted one, and a checkpoint loads into layers of the right shapes without the start's SVD,
+budget search or k-means fits.
 """
 
 from __future__ import annotations
@@ -40,18 +42,17 @@ from torch import nn
 
 from cardkit.compress.quantize import Bits, Quantized, quantize_kmeans
 from cardkit.compress.stored import StoredTensor, factorized_weight
-from cardkit.config_base import Section
 from cardkit.errors import CardkitError
 from cardkit.numbers import Number
 from cardkit.prune.masked import kept_count, selected_layers, top_k_mask
-from cardkit.prune.methods import PruneSetup, register_method
+from cardkit.prune.methods import PruneMethodConfig, PruneSetup, register_method
 
 log = logging.getLogger(__name__)
 FACTORS = ("u", "v", "c")
 DEFAULT_RANK = 0.25
 
 
-class AtmcConfig(Section):
+class AtmcConfig(PruneMethodConfig):
     """ATMC with a budget given as `sparsity` (fraction of the dense weights' count removed,
     counted over all U, V, C entries) or as `size_ratio` (compressed / dense float32 bits)."""
 
@@ -92,10 +93,13 @@ class AtmcLayer:
     hard: torch.Tensor  # bool scalar: quantized for good (fine-tuning) or not (the prune stage)
 
     def _init_factors(self, weight: torch.Tensor, rank: float, bits: int) -> None:
-        shape = weight.shape
-        u, v, c = svd_factors(weight.detach().reshape(shape[0], -1).float(), rank)
+        """Factors, masks, codebooks and ADMM state of the shapes `weight` and `rank` give (zero
+        factors: `set_factors` or a loaded state gives their values)."""
+        shape, out, fan_in = weight.shape, weight.shape[0], math.prod(weight.shape[1:])
+        r = factor_rank(out, fan_in, rank)
         object.__setattr__(self, "weight_shape", shape)
-        for name, value in zip(FACTORS, (u, v, c)):
+        for name, size in zip(FACTORS, ((out, r), (r, fan_in), (out, fan_in))):
+            value = torch.zeros(size, dtype=torch.float32, device=weight.device)
             self.register_parameter(name, nn.Parameter(value.to(weight.dtype)))
             self.register_buffer(f"mask_{name}", torch.ones_like(value))
             self.register_buffer(f"codebook_{name}", value.new_zeros(2 ** bits))
@@ -103,6 +107,13 @@ class AtmcLayer:
             self.register_buffer(f"dual_{name}", torch.zeros_like(value))  # ADMM scaled dual
         self.register_buffer("hard", torch.zeros((), dtype=torch.bool, device=weight.device))
         object.__setattr__(self, "_cache_key", None)
+
+    @torch.no_grad()
+    def set_factors(self, weight: torch.Tensor) -> None:
+        """U, V from the truncated SVD of the dense `weight` at the layer's rank, C the residual."""
+        factors = truncated_svd(weight.detach().reshape(self.weight_shape[0], -1).float(), self.u.shape[1])
+        for name, value in zip(FACTORS, factors):
+            getattr(self, name).copy_(value)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -183,10 +194,19 @@ class AtmcLinear(AtmcLayer, nn.Linear):
 _ATMC = {nn.Conv2d: AtmcConv2d, nn.Linear: AtmcLinear}
 
 
-@torch.no_grad()
+def factor_rank(out: int, fan_in: int, rank: float) -> int:
+    """r for an out x fan_in weight: the fraction `rank` of min(out, fan_in), at least 1."""
+    return max(1, round(rank * min(out, fan_in)))
+
+
 def svd_factors(weight: torch.Tensor, rank: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U = U_r sqrt(S_r), V = sqrt(S_r) V_r^T and C = W - U V for a 2-D weight."""
-    r = max(1, round(rank * min(weight.shape)))
+    """U = U_r sqrt(S_r), V = sqrt(S_r) V_r^T and C = W - U V for a 2-D weight, r = factor_rank."""
+    return truncated_svd(weight, factor_rank(*weight.shape, rank))
+
+
+@torch.no_grad()
+def truncated_svd(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`svd_factors` at rank r."""
     left, singular, right = torch.linalg.svd(weight, full_matrices=False)
     root = singular[:r].sqrt()
     u, v = left[:, :r] * root, root[:, None] * right[:r]
@@ -195,15 +215,27 @@ def svd_factors(weight: torch.Tensor, rank: float) -> tuple[torch.Tensor, torch.
 
 def to_atmc(model: nn.Module, rank: float, bits: int) -> list[AtmcLayer]:
     """Swap every Conv2d / Linear (of the active layer selection) for its factorized subclass, in
-    place (the bias is kept)."""
+    place (the bias is kept), its factors from the SVD of its weight."""
+    converted = factorize(model, rank, bits)
+    for layer, weight in converted:
+        if weight is not None:
+            layer.set_factors(weight)
+    return [layer for layer, _ in converted]
+
+
+def factorize(model: nn.Module, rank: float, bits: int) -> list[tuple[AtmcLayer, Optional[torch.Tensor]]]:
+    """Swap every Conv2d / Linear (of the active layer selection) for its factorized subclass, in
+    place, with zero factors; each with the dense weight it replaced (None if it was factorized
+    already)."""
     layers = []
     for _, module in selected_layers(model):
+        weight = None
         if not isinstance(module, AtmcLayer):
             weight = module.weight.detach()
             del module.weight
             module.__class__ = _ATMC[type(module)]
             module._init_factors(weight, rank, bits)
-        layers.append(module)
+        layers.append((module, weight))
     return layers
 
 
@@ -211,14 +243,36 @@ class AtmcGroup:
     """The factors of one model: projections, ADMM updates and the switch to the hard phase, with
     the interface of a `MaskGroup` (refresh, enforce, restored, frozen, layers)."""
 
-    def __init__(self, model: nn.Module, layers: list[AtmcLayer], config: AtmcConfig):
+    def __init__(self, model: nn.Module, layers: list[AtmcLayer], config: AtmcConfig, dense_bits: int):
         self.model, self.layers, self.config = model, layers, config
         self.scope = config.scope  # one budget over all layers and factors
         self.frozen = False
         self.dense_count = sum(math.prod(layer.weight_shape) for layer in layers)
-        self.budget = 0 if config.sparsity is None else kept_count(self.dense_count, config.sparsity)
-        self.target_bits: Optional[float] = None  # size_ratio x dense bits
-        self.fixed_bits = 0  # accounted bits with nothing kept (biases, codebooks, ...)
+        # a size_ratio budget is found by the start (`size_budget`); a restored one is in the masks
+        self._budget = None if config.sparsity is None else kept_count(self.dense_count, config.sparsity)
+        self.dense_bits = dense_bits  # of the dense float32 model
+        self.target_bits = None if config.size_ratio is None else config.size_ratio * dense_bits
+        self._fixed_bits: Optional[int] = None
+
+    @property
+    def budget(self) -> int:
+        """Entries kept over all factors. Every projection keeps exactly the budget, so a loaded
+        state's masks hold it until the last step (which may lower it for a size target)."""
+        if self._budget is None:
+            return sum(int(mask.sum()) for _, mask, *_ in self.factors())
+        return self._budget
+
+    @budget.setter
+    def budget(self, k: int) -> None:
+        self._budget = k
+
+    @property
+    def fixed_bits(self) -> int:
+        """Accounted bits with nothing kept (biases, normalization, headers of empty codebooks): they
+        depend on the shapes only."""
+        if self._fixed_bits is None:
+            self._fixed_bits = self._trial_bits(0)
+        return self._fixed_bits
 
     def factors(self):
         """(theta, mask, codebook, z, dual) of every factor of every layer."""
@@ -319,12 +373,11 @@ class AtmcGroup:
             self.harden(self.config.kmeans_iterations)
         self.frozen = True
 
-    def size_budget(self, dense_bits: int) -> None:
+    def size_budget(self) -> None:
         """Turn size_ratio into a budget k: about the largest k whose hard-quantized model fits
         (within 0.1% of the target size), by secant steps on the accounted size of trial
         projections of the current factors. The last step checks the trained model again."""
-        target = self.target_bits = self.config.size_ratio * dense_bits
-        self.fixed_bits = self._trial_bits(0)
+        target, dense_bits = self.target_bits, self.dense_bits
         if self.fixed_bits > target:
             smallest = math.ceil(self.fixed_bits / dense_bits * 1e4) / 1e4
             raise CardkitError(
@@ -381,15 +434,23 @@ class AtmcGroup:
 
 @register_method(AtmcConfig)
 def atmc(model: nn.Module, config: AtmcConfig) -> PruneSetup:
-    """Factorize every Conv2d / Linear, set the budget, project once and start ADMM."""
-    dense_bits = None
-    if config.size_ratio is not None:
-        from cardkit.compress.size import model_size
+    """Factorize every Conv2d / Linear; the start sets the factors from the SVD of the dense
+    weights, finds the budget, projects once and starts ADMM."""
+    from cardkit.compress.size import dense_bits  # imports the pruning engine itself
 
-        dense_bits = model_size(model).dense_bits  # of the dense float32 model, before factorizing
-    group = AtmcGroup(model, to_atmc(model, config.rank, config.bits), config)
-    if dense_bits is not None:
-        group.size_budget(dense_bits)
-    group.project(group.budget)
-    group.start_admm()
-    return PruneSetup(model, group, trains=True, after_step=group.after_step, regularizer=group.regularizer)
+    dense = dense_bits(model)  # of the dense float32 model, before factorizing
+    converted = factorize(model, config.rank, config.bits)
+    group = AtmcGroup(model, [layer for layer, _ in converted], config, dense)
+
+    def start(context) -> None:
+        for layer, weight in converted:
+            if weight is not None:
+                layer.set_factors(weight)
+        converted.clear()  # the dense weights are no longer needed
+        if config.size_ratio is not None:
+            group.size_budget()
+        group.project(group.budget)
+        group.start_admm()
+
+    return PruneSetup(model, group, trains=True, start=start, after_step=group.after_step,
+                      regularizer=group.regularizer)

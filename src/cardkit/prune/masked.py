@@ -50,14 +50,16 @@ class MaskedLayer:
         object.__setattr__(self, "group", None)  # plain attribute: not a submodule
         object.__setattr__(self, "quantizer", None)
 
-    def set_quantizer(self, spec: QuantSpec) -> None:
-        """Quantize the masked weight from now on; a k-means codebook is fitted to it now."""
+    def set_quantizer(self, spec: QuantSpec, fit: bool = True) -> None:
+        """Quantize the masked weight from now on; a k-means codebook is fitted to it now (unless
+        `fit` is false: a checkpoint about to be loaded holds it)."""
         if self.binary:
             raise ValueError("binary layers are quantized already (1 bit)")
         object.__setattr__(self, "quantizer", spec)
         if spec.scheme == "kmeans":
             self.register_buffer("codebook", torch.zeros(2 ** spec.bits, device=self.weight.device))
-            self.fit_codebook(KMEANS_FIT_ITERATIONS, warm=False)
+            if fit:
+                self.fit_codebook(KMEANS_FIT_ITERATIONS, warm=False)
 
     @torch.no_grad()
     def fit_codebook(self, iterations: int, warm: bool = True) -> None:
