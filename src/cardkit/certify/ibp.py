@@ -1,4 +1,5 @@
-"""Interval bound propagation (Gowal et al. 2018) through sequential networks.
+"""Interval bound propagation (Gowal et al. 2018) through sequential networks, and through any
+other network torch.fx can trace (see `graph.py`).
 
 Each layer maps an elementwise interval [lower, upper] to an interval containing all of its
 outputs. Affine layers use the centre/radius form (centre through W, radius through |W|), so the
@@ -43,6 +44,10 @@ def input_bounds(x: torch.Tensor, eps: float) -> Bounds:
 def ibp_bounds(model: nn.Module, x: torch.Tensor, eps: float) -> Bounds:
     """Interval bounds on the logits for every input in the Linf eps-ball around x within [0,1]."""
     bounds = input_bounds(x, eps)
+    if _is_graph(model):
+        from cardkit.certify.graph import graph_bounds
+
+        return graph_bounds(model, bounds)
     for name, layer in _layers(model):
         bounds = _propagate(name, layer, bounds)
     return bounds
@@ -53,6 +58,10 @@ def ibp_margin_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
 
     A sample is verified when every lower margin bound is positive.
     """
+    if _is_graph(model):
+        from cardkit.certify.graph import graph_margin_bounds
+
+        return graph_margin_bounds(model, input_bounds(x, eps), y)
     layers = list(_layers(model))
     name, last = layers[-1]
     if not isinstance(last, nn.Linear):
@@ -85,13 +94,28 @@ def _margin_spec(y: torch.Tensor, classes: int) -> torch.Tensor:
 
 
 def _layers(model: nn.Module):
-    """The leaf layers of nested Sequentials, in order."""
+    """The leaf layers of nested Sequentials, in order; of any other model whose traced graph is
+    one chain of layers, those layers."""
     if isinstance(model, nn.Sequential):
         for name, child in model.named_children():
             for sub_name, layer in _layers(child):
                 yield (f"{name}.{sub_name}" if sub_name else name), layer
-    else:
+        return
+    from cardkit.certify.graph import chain_layers, is_container
+
+    chain = chain_layers(model) if is_container(model) else None
+    if chain is None:
         yield "", model
+        return
+    for name, layer in chain:
+        yield from ((f"{name}.{sub}" if sub else name, leaf) for sub, leaf in _layers(layer))
+
+
+def _is_graph(model: nn.Module) -> bool:
+    """A model bounded node by node through its traced graph: not a Sequential, not one chain."""
+    from cardkit.certify.graph import chain_layers, is_container
+
+    return is_container(model) and chain_layers(model) is None
 
 
 def _weight(layer: nn.Module) -> torch.Tensor:
