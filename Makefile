@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_artifact.py
 	$(BIN)/python benchmarks/bench_atmc.py
 	$(BIN)/python benchmarks/bench_autoattack.py
+	$(BIN)/python benchmarks/bench_api.py
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
