@@ -7,10 +7,9 @@ import torch
 from torch import nn
 
 from cardkit.errors import CardkitError
-from cardkit.models import create_model
+from cardkit.models import create_model, model_from_arch
 from cardkit.prune.masked import add_masks
-from cardkit.prune.structured import (apply_channel_masks, channel_masks, channel_scores,
-                                      create_structured, rebuild)
+from cardkit.prune.structured import apply_channel_masks, channel_masks, channel_scores, rebuild
 
 SHAPES = [(1, 8), (1, 28), (3, 32)]
 SEQUENTIAL = {"cnn_small": {}, "cnn_large": {}, "vgg16_bn": {"width": 4}}
@@ -249,7 +248,7 @@ def test_unknown_layer_name_raises():
 def test_state_dict_round_trip_into_a_fresh_rebuilt_model(name):
     net = build(name, 3, 32)
     smaller = rebuild(net, channel_masks(net, 0.7))
-    fresh = create_structured(smaller.arch).eval()
+    fresh = model_from_arch(smaller.arch).eval()
     fresh.load_state_dict(smaller.state_dict())
     x = inputs(3, 32)
     with torch.no_grad():
@@ -262,4 +261,21 @@ def test_rebuilding_a_rebuilt_model_merges_the_record():
     once = rebuild(net, channel_masks(net, 0.5))
     twice = rebuild(once, {"conv1": torch.arange(8) < 2})
     assert twice.arch["structured"] == {"conv1": 2, "conv2": 16, "fc1": 50}
-    assert create_structured(twice.arch).conv1.out_channels == 2
+    assert model_from_arch(twice.arch).conv1.out_channels == 2
+
+
+def test_model_from_arch_rebuilds_plain_and_structured_records_and_refuses_broken_ones():
+    net = build("cnn_small", width=2)
+    again = model_from_arch(net.arch).eval()
+    again.load_state_dict(net.state_dict())
+    x = inputs(1, 8)
+    with torch.no_grad():
+        assert torch.equal(again(x), net(x))
+    smaller = model_from_arch({**net.arch, "structured": {"conv1": 3}})
+    assert smaller.conv1.out_channels == 3 and smaller.conv2.in_channels == 3
+    assert smaller.arch["structured"] == {"conv1": 3}
+    for arch, expected in [([1], "arch=\\[1\\] is invalid"), ({"name": "cnn_small"}, "arch lacks num_classes"),
+                           ({**net.arch, "structured": {"conv1": 0}}, r"structured\['conv1'\]=0 is invalid"),
+                           ({**net.arch, "structured": {"fc2": 5}}, "'fc2' .*model output")]:
+        with pytest.raises(CardkitError, match=expected):
+            model_from_arch(arch)

@@ -41,6 +41,8 @@ from cardkit.compress.size import encode_model, other_tensors
 from cardkit.compress.stored import factorized_weight
 from cardkit.errors import CardkitError
 from cardkit.fileio import check_format, output_file, write_bytes_atomic
+from cardkit.models.arch import model_from_arch
+from cardkit.models.layers import prunable_layers
 
 FORMAT = "cardkit-artifact"
 VERSION = 1
@@ -93,8 +95,6 @@ def plain_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """The names and shapes of the tensors a file stores, as the plain (uncompressed) model holds
     them: every Conv2d / Linear weight, and every other floating-point parameter and buffer.
     The same for a model and its pruned, quantized or factorized version."""
-    from cardkit.prune.masked import prunable_layers
-
     shapes = {f"{name}.weight": tuple(getattr(module, "weight_shape", None) or module.weight.shape)
               for name, module in prunable_layers(model)}
     shapes.update({name: tuple(t.shape) for name, t in other_tensors(model).items()})
@@ -143,8 +143,6 @@ def load_artifact(path: str | Path, *, model: nn.Module | None = None,
             raise CardkitError(f"artifact '{path}': the header and the tensors of {entry.name} disagree "
                                f"({str(err).splitlines()[0]}); the file is corrupt or was edited") from None
     state = _other_tensors(listed, arrays[OTHER], path)
-    from cardkit.prune.masked import prunable_layers
-
     for name, module in prunable_layers(model):
         state[f"{name}.weight"] = _layer_weight(name, module, weights, path)
     try:
@@ -220,14 +218,8 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
 
 
 def _build(arch: dict, path: Path) -> nn.Module:
-    from cardkit.models import create_model
-    from cardkit.models.bounded import base_arch
-    from cardkit.prune.structured import create_structured
-
     try:
-        if "structured" in arch:
-            return create_structured(arch)
-        return create_model(**base_arch(arch))
+        return model_from_arch(arch)
     except CardkitError as err:  # a structured record the checks before could not see, e.g. a kept count
         raise CardkitError(f"artifact '{path}': its architecture record is invalid ({err})") from None
 
@@ -262,8 +254,6 @@ def _check_architecture(arch, entries: list[EncodedTensor], listed: list, declar
 def _check_instance(arch, model: nn.Module, entries: list[EncodedTensor], listed: list, path: Path) -> None:
     """The given instance must be plain and hold exactly the tensors the file stores, at their
     shapes; a user record's fingerprint must also be the instance's."""
-    from cardkit.prune.masked import prunable_layers
-
     what = f"artifact '{path}'"
     if not isinstance(model, nn.Module):
         raise CardkitError(f"load_artifact(model=...) takes an nn.Module instance, got {type(model).__name__}")
@@ -292,8 +282,6 @@ def _check_tensors(base: nn.Module, entries: list[EncodedTensor], listed: list, 
                    target: str, fix: str) -> None:
     """The file's tensors must be exactly those of `base` (a plain model), at its shapes (for a
     structured record: no dimension larger); an ATMC layer's factors stand for its weight."""
-    from cardkit.prune.masked import prunable_layers
-
     expected = {name: tuple(t.shape) for name, t in other_tensors(base).items()}
     layers = {name: tuple(module.weight.shape) for name, module in prunable_layers(base)}
     found = {e.name: e.shape for e in entries}

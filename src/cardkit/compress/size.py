@@ -18,6 +18,9 @@ from torch import nn
 
 from cardkit.compress.encode import FLOAT_BITS, EncodedTensor, encode_tensor
 from cardkit.compress.stored import stored_names, stored_tensors
+from cardkit.models.arch import model_from_arch
+from cardkit.models.bounded import base_arch
+from cardkit.models.layers import prunable_layers
 
 
 @dataclass(frozen=True)
@@ -101,11 +104,7 @@ def other_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def dense_bits(model: nn.Module) -> int:
     """The dense fp32 model: every Conv2d / Linear weight and every other tensor a float32 value
     (of the full architecture, for a model rebuilt smaller by structured pruning)."""
-    from cardkit.prune.masked import prunable_layers
-
     if "structured" in getattr(model, "arch", {}):
-        from cardkit.models import create_model
-
-        model = create_model(**{k: v for k, v in model.arch.items() if k != "structured"})
+        model = model_from_arch(base_arch(model.arch))
     weights = sum(module.weight.numel() for _, module in prunable_layers(model))
     return FLOAT_BITS * (weights + sum(t.numel() for t in other_tensors(model).values()))

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from cardkit.compress.quantize import Quantized
+from cardkit.models.layers import prunable_layers
 
 Scheme = Literal["float", "uniform", "binary", "kmeans"]
 
@@ -43,8 +44,6 @@ def binary_codes(values: torch.Tensor, kept: torch.Tensor) -> Optional[Quantized
 
 def stored_tensors(model: nn.Module) -> list[StoredTensor]:
     """Every Conv2d / Linear weight of the model, in module order."""
-    from cardkit.prune.masked import prunable_layers
-
     tensors = []
     for name, module in prunable_layers(model):
         own = getattr(module, "stored_tensors", None)
@@ -59,8 +58,6 @@ def stored_tensors(model: nn.Module) -> list[StoredTensor]:
 def stored_names(model: nn.Module) -> set[str]:
     """The state-dict entries that `stored_tensors` (and training state) account for: parameters
     and buffers of the prunable layers that are not bias."""
-    from cardkit.prune.masked import prunable_layers
-
     names = set()
     for name, module in prunable_layers(model):
         for key, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:

@@ -120,7 +120,7 @@ def check_architecture(path: Path, arch: dict) -> None:
     """Refuse an architecture record that does not fit the tensors `model.safetensors` stores,
     before any model is built: the record is built on the meta device (no storage), stopped if it
     grows past the stored tensors, and every entry it shares with the file must have the file's
-    shape. A structured record first builds its full-size base (`create_structured`), which may
+    shape. A structured record first builds its full-size base (as `model_from_arch` does), which may
     exceed the stored tensors by the removed channels, up to `STRUCTURED_BASE_BYTES`."""
     from cardkit.models import create_model
     from cardkit.models.bounded import base_arch, build_on_meta, check_arch_record, state_shapes

@@ -46,12 +46,12 @@ from cardkit.corrupt.files import CorruptedSuite, GeneratedSuite
 from cardkit.eval import RobustnessResult, evaluate_robustness
 from cardkit.eval.corruption import CorruptionResult, evaluate_corruptions
 from cardkit.eval.fourier import FourierHeatMap, fourier_heat_map, save_heat_map
-from cardkit.models import create_model
+from cardkit.models import create_model, model_from_arch
+from cardkit.models.bounded import base_arch
 from cardkit.objectives import Objective, build_objective
 from cardkit.objectives.augment import stage_domain, with_augmentation
 from cardkit.prune import (MaskGroup, PruneContext, PruneSetup, method_config, prune_model, restore_masks,
                            restore_method, sparsity_report, thin_layers)
-from cardkit.prune.structured import create_structured
 from cardkit.train import Trainer, TrainState, build_optimizer
 from cardkit.train.trainer import derive_seed
 
@@ -190,8 +190,9 @@ def _prune_context(run: _Run, model: nn.Module, stage_id: int) -> PruneContext:
     """What a method's start may use: the prune stage's training batches and objective."""
     config = run.config
     seed = derive_seed(config.seed, stage_id, 0, 2)
-    return PruneContext(model=model, batches=_training_batches(run, seed), objective=_objective(config, "prune"),
-                        threat=_threat(config), seed=seed, stage=config.prune)
+    return PruneContext(model=model, batches=_training_batches(run, seed),
+                        objective=_objective(config, "prune"), threat=_threat(config), seed=seed,
+                        stage=config.prune)
 
 
 @dataclass
@@ -213,11 +214,10 @@ class _PruneStage:
         if setup.run_stage is not None:
             setup.run_stage(self)
         elif setup.trains:
-            group = setup.group
+            refresh = setup.group.refresh if setup.group is not None else None  # saved masks match saved scores
             self.result.history[f"{self.label}/prune"] = _train_stage(
                 self.run, "prune", self.folder, setup.model, stage_id=self.stage_id, meta=self.meta,
-                before_save=group.refresh if group is not None else None,  # the saved masks match the saved scores
-                on_step=setup.after_step, regularizer=setup.regularizer)
+                before_save=refresh, on_step=setup.after_step, regularizer=setup.regularizer)
         else:
             self.save("", lambda: setup.model, trained=False)
 
@@ -226,9 +226,10 @@ class _PruneStage:
         return load_checkpoint(folder, pointer).model_state() if has_checkpoint(folder, pointer) else None
 
     def train(self, part: str, start: str, offset: int) -> None:
+        start_from = load_checkpoint(self.folder / start / "checkpoints")
         self.result.history[f"{self.label}/prune/{part}"] = _train_stage(
             self.run, "prune", self.folder / part, self.setup.model, stage_id=self.stage_id + offset,
-            meta=self.meta, start=load_checkpoint(self.folder / start / "checkpoints"), group=self.setup.group)
+            meta=self.meta, start=start_from, group=self.setup.group)
 
     def save(self, part: str, make_model: Callable[[], nn.Module], trained: bool) -> None:
         _save_one_shot(self.folder / part, make_model, self.run.config, self.meta,
@@ -325,13 +326,7 @@ def model_from_checkpoint(checkpoint: Checkpoint) -> nn.Module:
 
 
 def _model_for(checkpoint: Checkpoint, run: _Run | None = None) -> tuple[nn.Module, MaskGroup | None]:
-    arch, pruning = checkpoint.meta["arch"], checkpoint.meta.get("pruning")
-    if "structured" in arch:
-        model = create_structured(arch)
-    else:
-        model = create_model(arch["name"], num_classes=arch["num_classes"],
-                             in_channels=arch["in_channels"], input_size=arch["input_size"],
-                             mean=arch["mean"], std=arch["std"], **arch.get("kwargs", {}))
+    model, pruning = model_from_arch(checkpoint.meta["arch"]), checkpoint.meta.get("pruning")
     group = restore_masks(model, method_config(**pruning)) if pruning else None
     if run is not None:
         model = model.to(run.device)
@@ -361,7 +356,7 @@ def summarize_model(model: nn.Module, size: SizeReport | None = None) -> dict[st
     report = sparsity_report(model)
     size = size or model_size(model)
     if "structured" in model.arch:  # sparsity against the dense architecture it was cut from
-        base = create_model(**{k: v for k, v in model.arch.items() if k != "structured"})
+        base = model_from_arch(base_arch(model.arch))
         dense = sparsity_report(base)["prunable_weights"]
         report["sparsity"] = 1 - report["kept_weights"] / dense
     return {"name": model.arch["name"], "parameters": params, "sparsity": report["sparsity"],

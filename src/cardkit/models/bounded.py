@@ -119,7 +119,7 @@ def check_arch_record(arch, what: str) -> dict:
 def base_arch(arch: dict) -> dict:
     """The keyword arguments of `create_model` for the record: its name, the data's fields and the
     model's options (for a structured record, its full-size base, built the way
-    `create_structured` builds it)."""
+    `model_from_arch` builds it)."""
     if "structured" in arch:
         return {k: v for k, v in arch.items() if k != "structured"}
     return {k: arch[k] for k in ("name", "num_classes", "in_channels", "input_size", "mean", "std")} | {

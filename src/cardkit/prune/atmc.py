@@ -41,6 +41,7 @@ from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, model
 from torch import nn
 
 from cardkit.compress.quantize import Bits, Quantized, quantize_kmeans
+from cardkit.compress.size import dense_bits, model_size
 from cardkit.compress.stored import StoredTensor, factorized_weight
 from cardkit.errors import CardkitError
 from cardkit.numbers import Number
@@ -409,8 +410,6 @@ class AtmcGroup:
             self._restore(saved)
 
     def _accounted_bits(self) -> int:
-        from cardkit.compress.size import model_size  # imports the pruning engine itself
-
         return model_size(self.model).bits
 
     def _state(self) -> list[torch.Tensor]:
@@ -436,8 +435,6 @@ class AtmcGroup:
 def atmc(model: nn.Module, config: AtmcConfig) -> PruneSetup:
     """Factorize every Conv2d / Linear; the start sets the factors from the SVD of the dense
     weights, finds the budget, projects once and starts ADMM."""
-    from cardkit.compress.size import dense_bits  # imports the pruning engine itself
-
     dense = dense_bits(model)  # of the dense float32 model, before factorizing
     converted = factorize(model, config.rank, config.bits)
     group = AtmcGroup(model, [layer for layer, _ in converted], config, dense)

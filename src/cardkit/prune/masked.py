@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Callable, Iterable, Iterator, Literal, Optional
+from typing import Iterable, Iterator, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +27,9 @@ from torch import nn
 
 from cardkit.compress.quantize import QuantSpec, Quantized, quantize_kmeans, straight_through
 from cardkit.compress.stored import StoredTensor, binary_codes
+from cardkit.models.layers import LayerFilter, prunable_layers  # noqa: F401  (a model's weight layers)
 
 Scope = Literal["layer", "global"]
-LayerFilter = Callable[[str, nn.Module], bool]
-"""Picks layers by (module name, module): e.g. `lambda name, m: not name.startswith("head")`."""
 KMEANS_FIT_ITERATIONS = 20  # a codebook's first fit
 KMEANS_REFIT_ITERATIONS = 2  # after an optimizer step, warm-started: the weights moved a little
 
@@ -175,13 +174,6 @@ class MaskedLinear(MaskedLayer, nn.Linear):
 
 
 _MASKED = {nn.Conv2d: MaskedConv2d, nn.Linear: MaskedLinear}
-
-
-def prunable_layers(model: nn.Module, layers: Optional[LayerFilter] = None) -> Iterator[tuple[str, nn.Module]]:
-    """Every Conv2d and Linear (masked or not), in module order; with `layers`, those it accepts."""
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)) and (layers is None or layers(name, module)):
-            yield name, module
 
 
 _SELECTION: ContextVar[Optional[LayerFilter]] = ContextVar("cardkit_layer_selection", default=None)

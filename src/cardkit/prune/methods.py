@@ -174,7 +174,7 @@ class PruneContext:
     start; from the Python API, pass one to `prune_model` for a method that needs it)."""
 
     model: nn.Module  # the model being pruned: the handler's, converted in place
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]]  # training batches (x in [0, 1], y), on the model's device
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]]  # training (x in [0, 1], y), on the model's device
     objective: Objective  # the stage's loss: (model, x, y) -> {"loss", "logits", ...}, robust or not
     threat: Optional[Threat] = None  # the run's threat model (the objective's attack uses it already)
     seed: int = 0  # for the start's own random draws
@@ -303,13 +303,16 @@ def set_masks(group: MaskGroup, scores: list[torch.Tensor]) -> None:
     group.enforce()
 
 
+def magnitudes(group: MaskGroup) -> list[torch.Tensor]:
+    return [layer.weight.detach().abs() for layer in group.layers]
+
+
 @register_method(MagnitudeConfig)
 def magnitude(model: nn.Module, config: MagnitudeConfig) -> PruneSetup:
     if config.scope == "structured":
         return PruneSetup(model, None, trains=False, start=lambda context: to_structured(model, config))
     group = frozen_group(model, config.sparsity, config.scope)
-    start = lambda context: set_masks(group, [layer.weight.detach().abs() for layer in group.layers])  # noqa: E731
-    return PruneSetup(model, group, trains=False, start=start)
+    return PruneSetup(model, group, trains=False, start=lambda context: set_masks(group, magnitudes(group)))
 
 
 @register_method(HydraConfig)
@@ -402,7 +405,8 @@ def lottery_rounds(stage: PruneStage, setup: PruneSetup, config: LotteryConfig) 
     for round in range(1, config.rounds + 1):
         if round > 1:
             stage.train(f"train-{round - 1}", start=f"round-{round - 1}", offset=round)
-        stage.save("" if round == config.rounds else f"round-{round}", lambda: pruned(round), trained=round > 1)
+        part = "" if round == config.rounds else f"round-{round}"
+        stage.save(part, lambda: pruned(round), trained=round > 1)
 
 
 @torch.no_grad()
@@ -456,5 +460,5 @@ def gmp(model: nn.Module, config: GMPConfig) -> PruneSetup:
             group.recompute()
         group.enforce(refit=True)
 
-    start = lambda context: set_masks(group, [layer.weight.detach().abs() for layer in layers])  # noqa: E731
-    return PruneSetup(model, group, trains=True, start=start, after_step=after_step)
+    return PruneSetup(model, group, trains=True, start=lambda context: set_masks(group, magnitudes(group)),
+                      after_step=after_step)

@@ -18,7 +18,8 @@ from torch import nn
 
 from cardkit.errors import CardkitError
 from cardkit.prune.masked import MaskedLayer
-from cardkit.prune.methods import PruneContext, PruneSetup, SparsityConfig, frozen_group, register_method, set_masks
+from cardkit.prune.methods import (PruneContext, PruneSetup, SparsityConfig, frozen_group, register_method,
+                                   set_masks)
 
 
 class SnipConfig(SparsityConfig):
@@ -45,9 +46,9 @@ def snip(model: nn.Module, config: SnipConfig) -> PruneSetup:
 def connection_sensitivity(model: nn.Module, layers: list[MaskedLayer], context: PruneContext,
                            batches: int) -> list[torch.Tensor]:
     """|dL/dw x w| for the weight of each layer, L the objective's loss averaged over the next
-    `batches` batches of the context (or as many as it has left), computed in training mode with the context's seed for the
-    objective's random draws (a PGD start). The model's buffers (batch-norm statistics), modes,
-    gradient flags and the global random state are as they were after."""
+    `batches` batches of the context (or as many as it has left), computed in training mode with
+    the context's seed for the objective's random draws (a PGD start). The model's buffers
+    (batch-norm statistics), mode, gradient flags and the global random state are as they were."""
     weights = [layer.weight for layer in layers]
     sums = [torch.zeros_like(w) for w in weights]
     buffers = [b.detach().clone() for b in model.buffers()]
