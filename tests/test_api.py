@@ -273,6 +273,32 @@ def test_ibp_on_a_hand_computed_net():
     assert torch.allclose(bounds.upper, torch.tensor([[0.825, 0.4]]), atol=1e-6)
 
 
+def test_ibp_bounds_of_the_user_cnn_contain_sampled_outputs_and_are_exact_at_eps_zero():
+    net = cardkit.compress_(user_net(), cardkit.MagnitudeConfig(sparsity=0.5)).model.eval()
+    x = torch.rand(4, 1, 8, 8) * 0.8 + 0.1
+    with torch.no_grad():
+        exact = ibp_bounds(net, x, 0.0)
+        assert torch.allclose(exact.lower, net(x), atol=1e-5) and torch.allclose(exact.upper, net(x), atol=1e-5)
+        bounds = ibp_bounds(net, x, 0.05)
+        for _ in range(20):
+            out = net((x + 0.05 * (2 * torch.rand_like(x) - 1)).clamp(0, 1))
+            assert bool((bounds.lower <= out + 1e-5).all() and (out <= bounds.upper + 1e-5).all())
+
+
+def test_bounds_refuse_what_they_cannot_bound_in_one_line():
+    class Squares(HandNet):
+        def forward(self, x):
+            h = self.fc1(x)
+            return self.fc2(h * h)
+
+    with pytest.raises(CardkitError, match=r"interval bounds do not support the operation 'mul' \(node mul of "
+                                           r"Squares\); supported operations: .*x \* constant"):
+        ibp_margin_bounds(Squares(), *POINTS, 0.1)
+    with pytest.raises(CardkitError, match="CROWN bounds networks that are one chain of layers, and the traced graph "
+                                           "of HandNet is not"):
+        cardkit.certified_accuracy(HandNet(skip=True), POINTS, method="crown", eps=0.1)
+
+
 def test_ibp_needs_a_traceable_model():
     class Branchy(HandNet):
         def forward(self, x):

@@ -84,7 +84,8 @@ def fit(model: nn.Module, data: Data, objective: Section | str | None = None, *,
     and a cosine schedule, per optimizer step. With a mask `group` (from `compress_`), the pruned
     weights are zeroed after every optimizer step, so momentum and weight decay cannot revive
     them. Each epoch ends with clean accuracy (and PGD-`eval_pgd_steps` accuracy when > 0) on
-    `validation`, by default on `eval_samples` training points. `on_step(steps done, total
+    `validation` (row keys `val_accuracy`, `val_robust_accuracy`), by default on `eval_samples`
+    training points (`train_sample_accuracy`, ...). `on_step(steps done, total
     steps)` runs after every optimizer step and `regularizer()` is added to the loss (a pruning
     schedule, ATMC's ADMM term). Runs are reproducible from `seed`.
     """

@@ -98,6 +98,10 @@ class _Network:
 def _prepare(model, x, eps, intermediate) -> _Network:
     layers = list(_layers(model))
     for name, layer in layers:
+        if not name and next(layer.children(), None) is not None:  # a model whose graph is not a chain
+            raise CardkitError(f"CROWN bounds networks that are one chain of layers, and the traced graph of "
+                               f"{type(layer).__name__} is not (a skip connection, or an operation between "
+                               f"layers other than relu and flatten); use IBP bounds for it")
         if not isinstance(layer, _AFFINE + (nn.ReLU,)):
             supported = sorted({cls.__name__ for cls in _AFFINE} | {"ReLU", "Sequential"})
             raise CardkitError(f"CROWN does not support layer '{name}' ({type(layer).__name__}); "
