@@ -108,6 +108,14 @@ def test_lottery_without_data_is_one_shot_magnitude_at_the_final_sparsity():
             assert torch.equal(a.mask, b.mask) and torch.equal(a.weight, b.weight)
 
 
+def test_snip_scores_the_filtered_layers_on_the_data_it_is_given():
+    net, data = user_net(), digits(64)
+    pruned = cardkit.compress_(net, cardkit.SnipConfig(sparsity=0.9), layers=not_head, data=data,
+                               objective=cardkit.PGDATConfig(steps=2), eps=0.05, batch_size=32)
+    assert [int(layer.mask.sum()) for layer in pruned.group.layers] == [7, 115, 819]
+    assert type(net.head) is nn.Linear and pruned.history == []
+
+
 def test_hydra_trains_scores_under_trades_and_fine_tuning_keeps_the_mask():
     net, data = user_net(), digits(64)
     pruned = cardkit.compress_(net, cardkit.HydraConfig(sparsity=0.95, scope="global"), data=data,
@@ -131,8 +139,12 @@ def test_hydra_trains_scores_under_trades_and_fine_tuning_keeps_the_mask():
 ROUND_TRIPS = {
     "dense": None,
     "magnitude-8bit": cardkit.MagnitudeConfig(sparsity=0.9, quantize={"bits": 8}),
+    "magnitude-4bit-per-channel": cardkit.MagnitudeConfig(sparsity=0.8, quantize={"bits": 4, "per_channel": True}),
     "hydra": cardkit.HydraConfig(sparsity=0.9, scope="global"),
+    "hydra-3bit-kmeans": cardkit.HydraConfig(sparsity=0.9, quantize={"bits": 3, "scheme": "kmeans"}),
+    "edge_popup": cardkit.EdgePopupConfig(sparsity=0.7),
     "biprop": cardkit.BipropConfig(sparsity=0.8),
+    "gmp": cardkit.GMPConfig(sparsity=0.9),
     "atmc": cardkit.AtmcConfig(sparsity=0.9, bits=4),
 }
 

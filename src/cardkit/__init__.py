@@ -18,7 +18,7 @@ _EXPORTS = {
                      "MixTrainConfig", "GaussianConfig"], "cardkit.objectives"),
     **dict.fromkeys(["AugMixConfig", "NoiseConfig"], "cardkit.objectives.augment"),
     **dict.fromkeys(["MagnitudeConfig", "HydraConfig", "EdgePopupConfig", "BipropConfig", "GMPConfig",
-                     "LotteryConfig", "AtmcConfig"], "cardkit.prune"),
+                     "LotteryConfig", "AtmcConfig", "SnipConfig"], "cardkit.prune"),
     "QuantizeConfig": "cardkit.prune.methods",
     **dict.fromkeys(["PGDAttackConfig", "AutoAttackConfig"], "cardkit.attacks"),
     **dict.fromkeys(["OptimizerConfig", "ScheduleConfig"], "cardkit.config"),

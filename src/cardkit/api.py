@@ -123,13 +123,14 @@ def compress_(model: nn.Module, method: Section, *, layers: LayerFilter | None =
               data: Data | None = None, rewind_state: dict[str, torch.Tensor] | None = None,
               **training) -> Compressed:
     """Compress `model` in place with a method config: `MagnitudeConfig`, `HydraConfig`,
-    `EdgePopupConfig`, `BipropConfig`, `GMPConfig`, `LotteryConfig` (each optionally with
-    `quantize=QuantizeConfig(...)`) or `AtmcConfig`.
+    `EdgePopupConfig`, `BipropConfig`, `GMPConfig`, `LotteryConfig`, `SnipConfig` (each optionally
+    with `quantize=QuantizeConfig(...)`), `AtmcConfig`, or a method a plugin registered.
 
     `layers(name, module) -> bool` picks the Conv2d / Linear layers to compress (default: all);
     the others stay dense float32. A method that trains (HYDRA, edge-popup and biprop scores,
-    GMP's schedule, ATMC's factors, the lottery rounds) trains on `data` with the keywords of
-    `fit` in `training` (objective, eps, epochs, optimizer, ...); without `data` it takes its
+    GMP's schedule, ATMC's factors, the lottery rounds) or scores weights on batches (SNIP) uses
+    `data` with the keywords of `fit` in `training` (objective, eps, epochs, optimizer, ...),
+    as the pipeline's prune stage does; without `data` it takes its
     starting point or the end of its schedule at once (HYDRA: the least-magnitude mask; GMP,
     lottery: the final sparsity in one shot; ATMC: its first projection, quantized). A method
     that rewinds to pretraining weights (lottery with `rewind: weights`) rewinds to
