@@ -2,7 +2,8 @@
 
 The dense model goes through `pretrain`; every method listed under `prune.methods` is one variant
 that starts from the same pretrained weights and goes through `prune` and `finetune` in its own
-folder. `evaluate` measures the dense model and every variant.
+folder. `evaluate` measures the dense model and every variant. The prune stage is the method's:
+the pipeline calls its hooks (`cardkit.prune.PruneSetup`) and never names a method.
 
 Layout of a run folder (`output_dir/name/`):
     config.yaml                          the resolved config
@@ -10,7 +11,9 @@ Layout of a run folder (`output_dir/name/`):
     evaluate/metrics.json                the dense model's evaluation
     <method>-<sparsity>/                 one folder per pruning variant, e.g. hydra-0.9/
         variant.yaml                     what the variant's stages were run with
-        prune/, finetune/                checkpoints/ and metrics.jsonl of each stage
+        prune/, finetune/                checkpoints/ and metrics.jsonl of each stage (prune/ also holds
+                                         the parts of a method's own stage, e.g. lottery's round-r/, train-r/)
+        rebuild/                         the model a method's step after the prune stage made (structured)
         evaluate/metrics.json
 """
 

@@ -207,7 +207,7 @@ class PruneSetup:
     start: Optional[Callable[[Optional[PruneContext]], Optional[nn.Module]]] = None
     after_step: Optional[Callable[[int, int], None]] = None  # (steps done, total steps) in the stage
     regularizer: Optional[Callable[[], torch.Tensor]] = None  # added to the prune stage's loss
-    finish: Optional[Callable[[], nn.Module]] = None  # after the trained prune stage: the model to fine-tune
+    finish: Optional[Callable[[], nn.Module]] = None  # after the prune stage: the model to fine-tune
     run_stage: Optional[Callable[[PruneStage], None]] = None  # the prune stage, in place of the pipeline's
 
 
