@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_deck.py
 	$(BIN)/python benchmarks/bench_artifact.py
 	$(BIN)/python benchmarks/bench_atmc.py
+	$(BIN)/python benchmarks/bench_checkpoint_load.py
 	$(BIN)/python benchmarks/bench_autoattack.py
 	$(BIN)/python benchmarks/bench_api.py
 
