@@ -214,6 +214,22 @@ def test_one_fit_step_is_the_hand_computed_sgd_step(as_loader):
     assert history[0]["step"] == 1 and history[0]["train_loss"] == pytest.approx(float(loss.detach()), abs=1e-5)
 
 
+def test_float_batches_have_the_order_crops_and_flips_of_the_pipelines_loader():
+    from cardkit.api import _training_batches
+    from cardkit.data import Augmentation
+
+    images, labels = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8), torch.randint(0, 10, (50,))
+    augmentation = Augmentation(crop_padding=2, hflip=True)
+    pipeline = _training_batches((images, labels), 16, torch.device("cpu"), torch.contiguous_format, augmentation)
+    floats = _training_batches((images.float() / 255, labels), 16, torch.device("cpu"), torch.contiguous_format,
+                               augmentation)
+    assert type(pipeline).__name__ == "BatchLoader" and len(pipeline) == len(floats) == 3
+    for (xa, ya), (xb, yb) in zip(pipeline.epoch(7), floats.epoch(7)):
+        assert torch.equal(ya, yb) and torch.allclose(xa, xb, atol=1e-7, rtol=0)
+    with pytest.raises(CardkitError, match="a DataLoader augments by itself"):
+        cardkit.fit(user_net(), DataLoader(TensorDataset(*digits())), hflip=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # evaluate, certified_accuracy, corruption_accuracy
 
@@ -351,6 +367,19 @@ def test_corruption_accuracy_of_a_constant_classifier_is_its_share_of_labels():
                                          severities=[1, 5])
     assert result.accuracy == {"gaussian_noise": [0.35, 0.35], "contrast": [0.35, 0.35]}
     assert result.clean_accuracy == 0.35 and result.mean_accuracy == pytest.approx(0.35)
+
+
+def test_corruption_accuracy_reads_an_official_layout_folder_as_it_generates_it(tmp_path):
+    from cardkit.corrupt.files import write_suite
+    from cardkit.data import ArrayDataset
+
+    images, labels = torch.randint(0, 256, (12, 1, 8, 8), dtype=torch.uint8), torch.randint(0, 10, (12,))
+    write_suite(ArrayDataset(images, labels), tmp_path / "suite", names=["shot_noise", "pixelate"], seed=3)
+    net = user_net().eval()
+    settings = dict(corruptions=["shot_noise", "pixelate"], severities=[2, 4])
+    read = cardkit.corruption_accuracy(net, (images, labels), suite=tmp_path / "suite", **settings)
+    generated = cardkit.corruption_accuracy(net, (images, labels), seed=3, **settings)
+    assert read.accuracy == generated.accuracy and read.source == str(tmp_path / "suite")
 
 
 def test_size_counts_every_float_tensor_of_the_dense_user_model():

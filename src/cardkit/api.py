@@ -37,7 +37,7 @@ from cardkit.compress.artifact import save_artifact
 from cardkit.config import OptimizerConfig, ScheduleConfig, TrainStageConfig
 from cardkit.config_base import Section
 from cardkit.corrupt import SEVERITIES, expand_names
-from cardkit.data import ArrayDataset, BatchLoader
+from cardkit.data import ArrayDataset, Augmentation, BatchLoader
 from cardkit.errors import CardkitError
 from cardkit.eval import RobustnessResult, evaluate_robustness
 from cardkit.eval.corruption import CorruptionResult, evaluate_corruptions
@@ -70,7 +70,8 @@ class Compressed:
 def fit(model: nn.Module, data: Data, objective: Section | str | None = None, *, eps: float | None = None,
           norm: str = "linf", epochs: int = 1, batch_size: int = 128,
           optimizer: OptimizerConfig | dict | None = None, schedule: ScheduleConfig | dict | None = None,
-          augment: AugMixConfig | NoiseConfig | None = None, grad_clip: float | None = None,
+          augment: AugMixConfig | NoiseConfig | None = None, crop_padding: int = 0, hflip: bool = False,
+          grad_clip: float | None = None,
           group: Optional[MaskGroup] = None, validation: Data | None = None, eval_samples: int | None = 1000,
           eval_pgd_steps: int = 0, seed: int = 0, on_step: Callable[[int, int], None] | None = None,
           regularizer: Callable[[], torch.Tensor] | None = None, progress: bool = False) -> list[dict]:
@@ -81,7 +82,9 @@ def fit(model: nn.Module, data: Data, objective: Section | str | None = None, *,
     `TradesConfig`, `IBPConfig`, `CrownIBPConfig`, `MixTrainConfig`, `GaussianConfig`); `eps` and
     `norm` are the threat of the objectives that attack or bound inputs, unless their config sets
     its own. `optimizer` and `schedule` default to SGD (lr 0.1, momentum 0.9, weight decay 5e-4)
-    and a cosine schedule, per optimizer step. With a mask `group` (from `compress_`), the pruned
+    and a cosine schedule, per optimizer step. `augment` wraps the objective (AugMix, Gaussian
+    noise); `crop_padding` and `hflip` are the random crop and flip of the pipeline's loader (a
+    DataLoader augments by itself). With a mask `group` (from `compress_`), the pruned
     weights are zeroed after every optimizer step, so momentum and weight decay cannot revive
     them. Each epoch ends with clean accuracy (and PGD-`eval_pgd_steps` accuracy when > 0) on
     `validation` (row keys `val_accuracy`, `val_robust_accuracy`), by default on `eval_samples`
@@ -99,7 +102,7 @@ def fit(model: nn.Module, data: Data, objective: Section | str | None = None, *,
         raise CardkitError(f"eval_pgd_steps={eval_pgd_steps} measures PGD accuracy each epoch but no eps is "
                            f"given; pass eps=, or eval_pgd_steps=0")
     device, memory_format = _device(model), _memory_format(model)
-    loader = _training_batches(data, batch_size, device, memory_format)
+    loader = _training_batches(data, batch_size, device, memory_format, Augmentation(crop_padding, hflip))
     split = "val" if validation is not None else "train_sample"
     x_eval, y_eval = _evaluation_points(validation if validation is not None else data, eval_samples, seed)
     _check_forward(model, x_eval, y_eval, "validation" if validation is not None else "data")
@@ -260,11 +263,12 @@ def certified_accuracy(model: nn.Module, data: Data, *, method: str = "ibp", eps
 
 def corruption_accuracy(model: nn.Module, data: Data, *, corruptions: Sequence[str] = ("benchmark",),
                         severities: Sequence[int] = SEVERITIES, seed: int = 0, batch_size: int = EVAL_BATCH,
-                        baseline: CorruptionResult | None = None) -> CorruptionResult:
-    """Accuracy under common corruptions (CIFAR-10-C's, generated from `data` with `seed`) per
-    corruption and severity, and their mean; with a `baseline` result, CE, mCE and relative mCE.
-    `corruptions` names them, or "benchmark" (the 15), "extras" (the 4), "all". The corruptions
-    work on 8-bit images: float inputs are rounded to multiples of 1/255 first."""
+                        baseline: CorruptionResult | None = None, suite: str | Path | None = None) -> CorruptionResult:
+    """Accuracy under common corruptions (CIFAR-10-C's, generated from `data` with `seed`, or read
+    from the official `.npy` files in the folder `suite`) per corruption and severity, and their
+    mean; with a `baseline` result, CE, mCE and relative mCE. `corruptions` names them, or
+    "benchmark" (the 15), "extras" (the 4), "all"; `data` is the clean split. The corruptions work
+    on 8-bit images: float inputs are rounded to multiples of 1/255 first."""
     _check_model(model)
     x, y = _points(data, "data")
     _check_forward(model, x, y, "data")
@@ -272,13 +276,17 @@ def corruption_accuracy(model: nn.Module, data: Data, *, corruptions: Sequence[s
         raise CardkitError(f"corruptions apply to images N x C x H x W with 1 or 3 channels; got {tuple(x.shape)}")
     images = x if x.dtype == torch.uint8 else (x * 255).round().clamp(0, 255).to(torch.uint8)
     clean = ArrayDataset(images.cpu().contiguous(), y.cpu())
-    from cardkit.corrupt.files import GeneratedSuite
+    from cardkit.corrupt.files import CorruptedSuite, GeneratedSuite
 
+    if suite is not None:
+        corrupted, source = CorruptedSuite(suite), str(suite)
+    else:
+        corrupted, source = GeneratedSuite(clean, seed), f"generated from {len(y)} images (seed {seed})"
     was_training = model.training
     model.eval()
     try:
         return evaluate_corruptions(
-            {"model": model}, GeneratedSuite(clean, seed), source=f"generated from {len(y)} images (seed {seed})",
+            {"model": model}, corrupted, source=source,
             names=expand_names(list(corruptions)), severities=list(severities), clean=clean,
             batch_size=batch_size, device=_device(model), memory_format=_memory_format(model),
             baselines={"model": baseline} if baseline is not None else None)["model"]
@@ -501,27 +509,35 @@ def _evaluation_points(data: Data, samples: int | None, seed: int) -> tuple[torc
     return x[index.to(x.device)], y[index.to(y.device)]
 
 
-def _training_batches(data: Data, batch_size: int, device: torch.device, memory_format: torch.memory_format):
-    """The trainer's loader: seeded, shuffled batches on the model's device (uint8 images through the
-    pipeline's own BatchLoader), or the user's DataLoader as it is."""
+def _training_batches(data: Data, batch_size: int, device: torch.device, memory_format: torch.memory_format,
+                      augmentation: Augmentation = Augmentation()):
+    """The trainer's loader: seeded, shuffled (and cropped or flipped) batches on the model's
+    device (uint8 images through the pipeline's own BatchLoader), or the user's DataLoader as it is."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise CardkitError(f"batch_size={batch_size!r} is not valid; give an integer >= 1")
     if _is_stream(data):
+        if augmentation.active:
+            raise CardkitError("crop_padding and hflip augment (x, y) tensors; a DataLoader augments by itself "
+                               "(its dataset's transform): drop them, or give the tensors")
         return _StreamBatches(data, device, memory_format)
     x, y = _points(data, "data")
     drop_last = len(y) > batch_size
+    if augmentation.active and x.dim() != 4:
+        raise CardkitError(f"crop_padding and hflip apply to images N x C x H x W; the inputs are {tuple(x.shape)}")
     if x.dtype == torch.uint8 and x.dim() == 4:
-        return BatchLoader(ArrayDataset(x, y), batch_size, shuffle=True, device=device, drop_last=drop_last,
-                           memory_format=memory_format)
-    return _TensorBatches(x, y, batch_size, device, memory_format, drop_last)
+        return BatchLoader(ArrayDataset(x, y), batch_size, shuffle=True, augmentation=augmentation, device=device,
+                           drop_last=drop_last, memory_format=memory_format)
+    return _TensorBatches(x, y, batch_size, device, memory_format, drop_last, augmentation)
 
 
 class _TensorBatches:
-    """Float inputs in memory: an epoch's order depends only on its seed, as in BatchLoader."""
+    """Float inputs in memory: an epoch's order and augmentation depend only on its seed, as in
+    BatchLoader."""
 
-    def __init__(self, x, y, batch_size, device, memory_format, drop_last):
+    def __init__(self, x, y, batch_size, device, memory_format, drop_last, augmentation: Augmentation):
         self.x, self.y = x.to(device), y.to(device)
         self.batch_size, self.memory_format, self.drop_last = batch_size, memory_format, drop_last
+        self.augmentation = augmentation
 
     def __len__(self) -> int:
         n = len(self.y)
@@ -529,10 +545,13 @@ class _TensorBatches:
 
     def epoch(self, seed: int | None = None, start_batch: int = 0) -> Iterator:
         seed = int(torch.randint(0, 2**62, (1,))) if seed is None else seed
-        order = torch.randperm(len(self.y), generator=torch.Generator().manual_seed(seed)).to(self.y.device)
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self.y), generator=generator).to(self.y.device)
+        batch_seeds = torch.randint(0, 2**62, (len(self),), generator=generator).tolist()
         for k in range(start_batch, len(self)):
             index = order[k * self.batch_size:(k + 1) * self.batch_size]
-            yield self.x[index].float().contiguous(memory_format=self._format()), self.y[index]
+            x = self.augmentation(self.x[index].float(), torch.Generator().manual_seed(batch_seeds[k]))
+            yield x.contiguous(memory_format=self._format()), self.y[index]
 
     def _format(self) -> torch.memory_format:
         return self.memory_format if self.x.dim() == 4 else torch.contiguous_format
