@@ -214,6 +214,40 @@ def test_one_fit_step_is_the_hand_computed_sgd_step(as_loader):
     assert history[0]["step"] == 1 and history[0]["train_loss"] == pytest.approx(float(loss.detach()), abs=1e-5)
 
 
+def test_fit_is_the_pipelines_training_stage(tmp_path):
+    """The same masked PGD-AT fine-tuning epoch through `fit` and through the pipeline's stage
+    (which also writes checkpoints) ends at bitwise the same weights."""
+    from cardkit.config import validate_config
+    from cardkit.data import ArrayDataset, DatasetInfo, DatasetSplits
+    from cardkit.engine.pipeline import _Run, _train_stage
+    from cardkit.models import create_model
+
+    g = torch.Generator().manual_seed(0)
+    train = ArrayDataset(torch.randint(0, 256, (96, 1, 8, 8), dtype=torch.uint8, generator=g),
+                         torch.randint(0, 10, (96,), generator=g))
+    info = DatasetInfo("synthetic", 10, 1, 8, (0.0,), (1.0,), tuple("0123456789"))
+    optimizer = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
+    config = validate_config({
+        "name": "run", "output_dir": str(tmp_path), "device": "cpu", "seed": 3, "threat": {"eps": 0.1},
+        "data": {"name": "digits", "batch_size": 32, "crop_padding": 1, "hflip": True},
+        "model": {"name": "cnn_small", "channels_last": False}, "pipeline": ["pretrain", "prune", "finetune"],
+        "prune": {"methods": [{"name": "magnitude", "sparsity": 0.9}]},
+        "finetune": {"epochs": 2, "objective": {"name": "pgd_at", "steps": 2}, "optimizer": optimizer,
+                     "eval_samples": 20}})
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = create_model("cnn_small", 10, 1, 8)
+        models.append((model, cardkit.compress_(model, cardkit.MagnitudeConfig(sparsity=0.9)).group))
+    (api, api_group), (pipe, pipe_group) = models
+    cardkit.fit(api, train, cardkit.PGDATConfig(steps=2), eps=0.1, epochs=2, batch_size=32, optimizer=optimizer,
+                crop_padding=1, hflip=True, group=api_group, seed=3, eval_samples=20)
+    run = _Run(config, DatasetSplits(info, train, None, train), torch.device("cpu"), progress=False)
+    _train_stage(run, "finetune", tmp_path / "run" / "finetune", pipe, stage_id=0, group=pipe_group)
+    for (name, a), b in zip(api.state_dict().items(), pipe.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_float_batches_have_the_order_crops_and_flips_of_the_pipelines_loader():
     from cardkit.api import _training_batches
     from cardkit.data import Augmentation
