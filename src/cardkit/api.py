@@ -32,11 +32,14 @@ from pydantic import ValidationError
 from torch import nn
 
 from cardkit.attacks import AutoAttackConfig, PGDAttackConfig, Threat
+from cardkit.certify import VerificationResult, verified_accuracy
+from cardkit.certify.smoothing import SmoothingResult, smoothed_accuracy
 from cardkit.compress import SizeReport, model_size
 from cardkit.compress.artifact import save_artifact
 from cardkit.config import OptimizerConfig, ScheduleConfig, TrainStageConfig
 from cardkit.config_base import Section
 from cardkit.corrupt import SEVERITIES, expand_names
+from cardkit.corrupt.files import CorruptedSuite, GeneratedSuite
 from cardkit.data import ArrayDataset, Augmentation, BatchLoader
 from cardkit.errors import CardkitError
 from cardkit.eval import RobustnessResult, evaluate_robustness
@@ -68,13 +71,13 @@ class Compressed:
 
 
 def fit(model: nn.Module, data: Data, objective: Section | str | None = None, *, eps: float | None = None,
-          norm: str = "linf", epochs: int = 1, batch_size: int = 128,
-          optimizer: OptimizerConfig | dict | None = None, schedule: ScheduleConfig | dict | None = None,
-          augment: AugMixConfig | NoiseConfig | None = None, crop_padding: int = 0, hflip: bool = False,
-          grad_clip: float | None = None,
-          group: Optional[MaskGroup] = None, validation: Data | None = None, eval_samples: int | None = 1000,
-          eval_pgd_steps: int = 0, seed: int = 0, on_step: Callable[[int, int], None] | None = None,
-          regularizer: Callable[[], torch.Tensor] | None = None, progress: bool = False) -> list[dict]:
+        norm: str = "linf", epochs: int = 1, batch_size: int = 128,
+        optimizer: OptimizerConfig | dict | None = None, schedule: ScheduleConfig | dict | None = None,
+        augment: AugMixConfig | NoiseConfig | None = None, crop_padding: int = 0, hflip: bool = False,
+        grad_clip: float | None = None, group: Optional[MaskGroup] = None, validation: Data | None = None,
+        eval_samples: int | None = 1000, eval_pgd_steps: int = 0, seed: int = 0,
+        on_step: Callable[[int, int], None] | None = None, regularizer: Callable[[], torch.Tensor] | None = None,
+        progress: bool = False) -> list[dict]:
     """Train `model` in place with a training objective; returns one row per epoch (loss,
     accuracy, learning rate, the per-epoch evaluation, seconds).
 
@@ -205,13 +208,19 @@ class _PruneStage:
 
 
 def _prune_context(model: nn.Module, data: Data, training: dict) -> PruneContext:
-    """What a method's start may use: the training batches and objective `fit` would use."""
+    """What a method's start may use: the training batches and objective `fit` would use, epoch
+    after epoch."""
     objective, threat = _objective_and_threat(training.get("objective"), training.get("eps"),
                                               training.get("norm", "linf"))
     seed = training.get("seed", 0)
-    loader = _training_batches(data, training.get("batch_size", 128), _device(model), _memory_format(model))
-    batches = (batch for epoch in itertools.count() for batch in loader.epoch(derive_seed(seed, epoch)))
-    return PruneContext(model=model, batches=batches,
+
+    def batches() -> Iterator:  # the loader is built at the first batch a method asks for
+        loader = _training_batches(data, training.get("batch_size", 128), _device(model), _memory_format(model),
+                                   Augmentation(training.get("crop_padding", 0), training.get("hflip", False)))
+        for epoch in itertools.count():
+            yield from loader.epoch(derive_seed(seed, epoch))
+
+    return PruneContext(model=model, batches=batches(),
                         objective=with_augmentation(build_objective(objective, threat), training.get("augment")),
                         threat=threat, seed=seed)
 
@@ -234,17 +243,15 @@ def evaluate(model: nn.Module, data: Data, *, eps: float, norm: str = "linf",
 
 
 def certified_accuracy(model: nn.Module, data: Data, *, method: str = "ibp", eps: float | None = None,
-            sigma: float | None = None, n0: int = 100, n: int = 10000, alpha: float = 0.001,
-            radii: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), batch_size: int = EVAL_BATCH, seed: int = 0):
+                       sigma: float | None = None, n0: int = 100, n: int = 10000, alpha: float = 0.001,
+                       radii: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), batch_size: int = EVAL_BATCH,
+                       seed: int = 0) -> VerificationResult | SmoothingResult:
     """Certified accuracy. `method` "ibp", "crown_ibp" or "crown": the fraction of points whose
     every margin is proven positive over the Linf ball of radius `eps` (a `VerificationResult`);
     IBP bounds any model torch.fx can trace, CROWN sequential ones (any model whose traced graph
     is one chain of layers). `method="smoothing"`: certified L2 accuracy at `radii` of the model
     smoothed with Gaussian noise `sigma` (Cohen et al.; n0 selection and n estimation samples,
     failure probability alpha; a `SmoothingResult`), seeded by `seed`."""
-    from cardkit.certify import verified_accuracy
-    from cardkit.certify.smoothing import smoothed_accuracy
-
     _check_model(model)
     x, y = _points(data, "data")
     classes = _check_forward(model, x, y, "data")
@@ -276,8 +283,6 @@ def corruption_accuracy(model: nn.Module, data: Data, *, corruptions: Sequence[s
         raise CardkitError(f"corruptions apply to images N x C x H x W with 1 or 3 channels; got {tuple(x.shape)}")
     images = x if x.dtype == torch.uint8 else (x * 255).round().clamp(0, 255).to(torch.uint8)
     clean = ArrayDataset(images.cpu().contiguous(), y.cpu())
-    from cardkit.corrupt.files import CorruptedSuite, GeneratedSuite
-
     if suite is not None:
         corrupted, source = CorruptedSuite(suite), str(suite)
     else:
