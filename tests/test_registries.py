@@ -240,3 +240,24 @@ def test_prune_help_names_every_method(capsys):
 def test_an_unknown_bound_method_is_one_line_before_any_work(capsys, tmp_path):
     assert main(["certify", "--checkpoint", str(tmp_path), "--method", "crwn"]) == 2
     assert "unknown bound method 'crwn'; did you mean 'crown'" in capsys.readouterr().err
+
+
+def test_a_record_cannot_call_a_function_that_is_no_model_factory(tmp_path):
+    victim = tmp_path / "keep"
+    victim.mkdir()
+    with pytest.raises(CardkitError, match="'shutil:rmtree' does not take num_classes"):
+        create_model("shutil:rmtree", path=str(victim))
+    assert victim.is_dir()
+
+
+def test_a_card_file_of_a_user_factory_loads_only_into_a_given_instance(tmp_path, plugin):
+    from cardkit import export, load_artifact
+
+    model = create_model(f"{PLUGIN}:mlp", num_classes=2, in_channels=1, input_size=4).eval()
+    export(model, tmp_path / "mlp.card")
+    with pytest.raises(CardkitError, match=r"holds a user-defined model \(cardkit_test_plugin:mlp\).*model="):
+        load_artifact(tmp_path / "mlp.card")
+    fresh = create_model(f"{PLUGIN}:mlp", num_classes=2, in_channels=1, input_size=4)
+    loaded = load_artifact(tmp_path / "mlp.card", model=fresh)
+    x = torch.rand(5, 1, 4, 4)
+    assert torch.equal(loaded(x), model(x))

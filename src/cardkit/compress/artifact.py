@@ -232,9 +232,11 @@ def _check_architecture(arch, entries: list[EncodedTensor], listed: list, declar
     have the base's names and no dimension larger than the base's."""
     from cardkit.models import create_model
     from cardkit.models.bounded import base_arch, build_on_meta, check_arch_record
+    from cardkit.models.registry import is_user_factory
 
     what = f"artifact '{path}'"
-    if isinstance(arch, dict) and arch.get("kind") == USER:
+    if isinstance(arch, dict) and (arch.get("kind") == USER or is_user_factory(str(arch.get("name")))):
+        # a user's factory is code outside cardkit: a file from a stranger does not get to call it
         raise CardkitError(f"{what} holds a user-defined model ({_record_name(arch)}), which the file alone "
                            f"cannot rebuild; build it and pass it: load_artifact(path, model=MyNet())")
     arch = check_arch_record(arch, what)

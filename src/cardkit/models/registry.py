@@ -90,6 +90,14 @@ def _imported_factory(path: str) -> Callable[..., nn.Module]:
     factory = getattr(import_module(module, f"model {path!r}"), attribute, None)
     if not callable(factory):
         raise CardkitError(f"model {path!r}: module {module!r} has no function {attribute!r}; check the name")
+    # A record read from a file may name any function: only a classifier factory is called.
+    try:
+        takes_classes = "num_classes" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        takes_classes = False
+    if not takes_classes:
+        raise CardkitError(f"model {path!r} does not take num_classes; a model factory must accept "
+                           f"num_classes (and may accept in_channels, input_size, mean, std)")
     return factory
 
 
