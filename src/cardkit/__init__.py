@@ -22,6 +22,14 @@ _EXPORTS = {
     "QuantizeConfig": "cardkit.prune.methods",
     **dict.fromkeys(["PGDAttackConfig", "AutoAttackConfig"], "cardkit.attacks"),
     **dict.fromkeys(["OptimizerConfig", "ScheduleConfig"], "cardkit.config"),
+    # extending cardkit: each decorator adds an entry to a registry that configs and the CLI read
+    "register_model": "cardkit.models",
+    "register_dataset": "cardkit.data.registry",
+    "register_method": "cardkit.prune",
+    "register_objective": "cardkit.objectives",
+    "register_attack": "cardkit.attacks",
+    "register_corruption": "cardkit.corrupt.registry",
+    "Registry": "cardkit.registry",
 }
 __all__ = list(_EXPORTS)
 
