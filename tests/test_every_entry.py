@@ -38,7 +38,7 @@ def batch(n=12, seed=1):
     return torch.rand(n, 1, 8, 8, generator=generator), torch.randint(0, 10, (n,), generator=generator)
 
 
-@pytest.mark.parametrize("config_cls", OBJECTIVE_CLASSES, ids=map(name_of, OBJECTIVE_CLASSES))
+@pytest.mark.parametrize("config_cls", OBJECTIVE_CLASSES, ids=[name_of(c) for c in OBJECTIVE_CLASSES])
 def test_every_objective_at_eps_0_is_cross_entropy_and_trains_every_weight(config_cls):
     """At eps 0 the adversarial point is the clean point and every certified bound is exact, so each
     robust objective's loss is the clean cross-entropy (whatever its weights between the terms)."""
@@ -56,7 +56,7 @@ def test_every_objective_at_eps_0_is_cross_entropy_and_trains_every_weight(confi
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("name", map(name_of, ATTACK_CLASSES))
+@pytest.mark.parametrize("name", [name_of(c) for c in ATTACK_CLASSES])
 def test_every_attack_fools_no_point_in_a_tiny_ball_and_most_in_a_large_one(name):
     model, (x, y) = small_net(), batch(n=20)
     y = model(x).argmax(1)  # every point starts correct
