@@ -1,18 +1,22 @@
-"""Checks parametrized over the registries themselves: a new objective, attack, bound method or
-corruption is tested here as soon as it is registered."""
+"""Checks parametrized over the registries themselves: a new objective, attack, bound method,
+corruption or pruning method is tested here as soon as it is registered."""
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import cardkit
 from cardkit.attacks import ATTACKS, Threat
 from cardkit.certify.verify import BOUNDS
+from cardkit.compress import model_size
 from cardkit.corrupt import corrupt
 from cardkit.corrupt.registry import corruption_names
 from cardkit.eval import evaluate_robustness
 from cardkit.models import create_model
 from cardkit.objectives import OBJECTIVES, build_objective
+from cardkit.prune import sparsity_report
+from cardkit.prune.methods import METHODS
 
 
 def shipped(table) -> list:
@@ -94,3 +98,26 @@ def test_every_corruption_is_seeded_and_changes_the_image_more_at_severity_5_tha
     assert np.array_equal(mild, corrupt(images, name, 1, seed=3))
     change = lambda out: np.abs(out.astype(int) - images).mean()  # noqa: E731
     assert 0 < change(mild) < change(strong) or name in ("frost", "elastic_transform")
+
+
+METHOD_CLASSES = shipped(METHODS)
+
+
+@pytest.mark.parametrize("config_cls", METHOD_CLASSES, ids=[name_of(c) for c in METHOD_CLASSES])
+def test_every_method_prunes_to_its_budget_and_its_file_gives_the_same_outputs(config_cls, tmp_path):
+    """Through the public API with one epoch of training where the method trains, then the .card
+    round trip: bitwise outputs, and the file at least the accounted bytes and at most 4 KiB more."""
+    model = small_net()
+    x, y = batch(n=64, seed=2)
+    extra = {"rewind": "lr"} if name_of(config_cls) == "lottery" else {}
+    compressed = cardkit.compress_(model, config_cls(sparsity=0.8, **extra), data=(x, y), epochs=1,
+                                   optimizer=cardkit.OptimizerConfig(lr=0.01)).model.eval()
+    prunable = sum(m.weight.numel() for m in compressed.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+    kept = sparsity_report(compressed)["kept_weights"]
+    assert kept == pytest.approx(0.2 * prunable, abs=0.01 * prunable), (kept, prunable)
+    written = cardkit.export(compressed, tmp_path / "m.card")
+    loaded = cardkit.load_artifact(tmp_path / "m.card")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), compressed(x))
+    accounted = model_size(compressed).bytes
+    assert accounted <= written <= accounted + 4096
