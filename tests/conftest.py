@@ -7,8 +7,9 @@ import torch
 # One intra-op thread per test process (and for the cardkit processes tests start): these small
 # models gain nothing from a second thread, and two processes with torch's default threads on two
 # cores oversubscribe them several times over. Tests of thread counts set their own.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
+for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    if not os.environ.get(_variable, "").isdigit():
+        os.environ[_variable] = "1"
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
