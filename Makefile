@@ -5,13 +5,18 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test test-fast install bench mutation clean
 
 demo: $(STAMP)
 	$(BIN)/cardkit run configs/quickstart.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The inner loop: everything but the end-to-end and statistical tests marked slow (`make test`
+# and CI run those too).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 install: $(STAMP)
 
@@ -31,6 +36,17 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_autoattack.py
 	$(BIN)/python benchmarks/bench_api.py
 
+# Mutation testing with mutmut 3 (configured in pyproject.toml's [tool.mutmut]); not part of
+# `make test`. It mutates attacks/, certify/, prune/, compress/ and corrupt/ and runs the fast
+# tests of those packages against each mutant, on one worker and one thread (MUTATION_JOBS=N for
+# more); mutants/ keeps the results, so a second run only retests what changed.
+# `make mutation PACKAGE=compress` runs one package's mutants.
+MUTATION_JOBS ?= 1
+mutation: $(STAMP)
+	$(BIN)/python -c "import mutmut" 2>/dev/null || $(BIN)/python -m pip install -e '.[mutation]'
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(MUTATION_JOBS) $(if $(PACKAGE),'cardkit.$(PACKAGE).*')
+	$(BIN)/mutmut results
+
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
@@ -39,4 +55,4 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) runs build src/*.egg-info
+	rm -rf $(VENV) runs build mutants src/*.egg-info

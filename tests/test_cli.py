@@ -41,6 +41,7 @@ evaluate: {{attacks: [{{name: pgd, steps: 10}}]}}
     return config
 
 
+@pytest.mark.slow
 def test_cli_trains_evaluates_and_resumes_after_sigkill_on_mnist(tmp_path, shared_data):
     config = mnist_config(tmp_path, shared_data, epochs=3)
     out = cardkit("run", config, "--no-progress")

@@ -42,6 +42,7 @@ evaluate: {{attacks: [{{name: pgd, steps: 2}}]}}
     return tmp, config, out.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_exported_file_reproduces_the_evaluated_model(compressed_run, variant):
     tmp, config, stdout = compressed_run
@@ -78,6 +79,7 @@ def test_exported_file_reproduces_the_evaluated_model(compressed_run, variant):
         assert getattr(loaded, name).weight.unique().numel() <= 2 ** bits + (bits == 1)  # +-alpha and 0
 
 
+@pytest.mark.slow
 def test_size_command_prints_every_tensor_and_the_ratio(compressed_run):
     tmp, _, _ = compressed_run
     folder = tmp / "runs" / "compress" / "hydra-0.9-4bit-kmeans"

@@ -79,6 +79,7 @@ def test_exactly_the_vulnerable_points_fall_on_a_linear_model(norm, eps, attacks
     assert accuracies == sorted(accuracies, reverse=True), "a later stage never resurrects a point"
 
 
+@pytest.mark.slow
 def test_autoattack_under_l1_finds_exactly_the_vulnerable_points():
     model, x, y = linear_problem(n=60)
     distance = smallest_perturbation(model, x, y, "l1")  # one coordinate moves: the box never binds

@@ -30,6 +30,7 @@ evaluate: {{attacks: [{{name: pgd, steps: 2}}], corruption: {corruption}}}
     return config
 
 
+@pytest.mark.slow
 def test_cards_deck_corruptions_and_fourier_on_mnist(tmp_path, shared_data):
     runs = tmp_path / "runs"
     cardkit("run", card_config(tmp_path, shared_data, "noise", "{name: gaussian, sigma: 0.3}"), "--no-progress")
