@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import (AfterValidator, Field, NonNegativeFloat, NonNegativeInt, PositiveInt, ValidationError,
@@ -193,6 +193,7 @@ class RunConfig(Section):
     plugins: list[str] = Field(default_factory=list)
     seed: NonNegativeInt = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    threads: Optional[PositiveInt] = None  # intra-op threads per process; null: cores / local processes
     output_dir: str = "runs"
     pipeline: list[Literal[STAGES]] = Field(default_factory=lambda: ["pretrain", "evaluate"], min_length=1)
     threat: ThreatConfig = Field(default_factory=ThreatConfig)

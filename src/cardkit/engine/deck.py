@@ -26,7 +26,7 @@ from cardkit.data import BatchLoader
 from cardkit.deck import DISTANCES, GATINGS, Card, CardDeck, domain_key, reference_spectrum
 from cardkit.engine.checkpoint import record_result, write_json_atomic
 from cardkit.engine.rundir import check_run_folder, claim_run_folder, run_lock
-from cardkit.engine.pipeline import _find_checkpoint, _subset, load_data, model_from_checkpoint, resolve_device
+from cardkit.engine.pipeline import _find_checkpoint, _subset, load_data, model_from_checkpoint, prepare_process, resolve_device
 from cardkit.errors import CardkitError
 from cardkit.eval.corruption import evaluate_corruptions
 from cardkit.objectives.augment import CLEAN, DomainConfig, augmenter, domain_config
@@ -71,7 +71,7 @@ def load_deck_config(path: str | Path) -> DeckConfig:
 
 def build_deck(config: DeckConfig) -> Path:
     """Load the cards, compute each domain's reference spectrum, write the deck folder."""
-    device = resolve_device(config.device)
+    device = prepare_process(config)
     check_run_folder(config.folder)
     cards, run_config = _load_cards(config, device)
     if config.data is not None:

@@ -50,7 +50,7 @@ from cardkit.config import RunConfig, load_config
 from cardkit.data import DatasetSplits
 from cardkit.engine.checkpoint import archive_as_saved, has_checkpoint, load_checkpoint, save_checkpoint
 from cardkit.engine.pipeline import (_check_same_run, _check_variant, _checkpoint_meta, _subset, _write_config,
-                                     load_data, model_from_checkpoint, resolve_device)
+                                     load_data, model_from_checkpoint, prepare_process)
 from cardkit.engine.rundir import check_run_folder, claim_run_folder, run_lock
 from cardkit.errors import CardkitError
 from cardkit.eval import evaluate_robustness
@@ -434,7 +434,7 @@ def _write(config: RunConfig, folder: Path, stage: str, model: nn.Module, optimi
 
 def _clean_accuracy(checkpoint: Path, config: RunConfig, splits: DatasetSplits, samples: int) -> tuple[float, int]:
     """Clean accuracy of the model as the folder now holds it, on a seeded subset of the test split."""
-    model = model_from_checkpoint(load_checkpoint(checkpoint)).to(resolve_device(config.device))
+    model = model_from_checkpoint(load_checkpoint(checkpoint)).to(prepare_process(config))
     data = _subset(splits.test, samples, config.seed)
     result = evaluate_robustness(model, data.images, data.labels, Threat(config.threat.norm, config.threat.eps),
                                  (), split="test", batch_size=config.data.eval_batch_size, seed=config.seed,

@@ -39,6 +39,7 @@ from cardkit.compress import SizeReport, model_size
 from cardkit.config_base import Section
 from cardkit.data import ArrayDataset, Augmentation, BatchLoader, DatasetSplits, load_dataset
 from cardkit.engine.evalstate import evaluation_key, load_state, save_state
+from cardkit.engine.threads import set_threads
 from cardkit.engine.rundir import check_run_folder, claim_run_folder, clear_run_folder, run_lock
 from cardkit.engine.checkpoint import (Checkpoint, has_checkpoint, load_checkpoint, record_result,
                                        save_checkpoint, write_json_atomic)
@@ -62,7 +63,7 @@ log = logging.getLogger(__name__)
 INIT_SEED = 7919  # a fixed stream of the run seed for weight initialisation
 # Keys that may change between runs of one run folder: they do not change what the dense stages
 # compute. prune and finetune settings are checked per variant (variant.yaml).
-RESUME_SAFE_KEYS = ("pipeline", "evaluate", "device", "data.data_dir", "data.download",
+RESUME_SAFE_KEYS = ("pipeline", "evaluate", "device", "threads", "data.data_dir", "data.download",
                     "data.eval_batch_size", "prune", "finetune")
 
 
@@ -97,6 +98,12 @@ class _Run:
         return build_model(self.config, self.splits).to(self.device)
 
 
+def prepare_process(config: RunConfig) -> torch.device:
+    """Set this process's threads (`threads`) and return the device (`device`) for a config."""
+    set_threads(config.threads)
+    return resolve_device(config.device)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -109,7 +116,7 @@ def resolve_device(name: str) -> torch.device:
 def run_pipeline(config: RunConfig, *, restart: bool = False, progress: bool = False,
                  evaluate_dense: bool = True) -> RunResult:
     run_dir = config.run_dir
-    device = resolve_device(config.device)
+    device = prepare_process(config)
     check_run_folder(run_dir)  # a folder of other files is refused before anything is touched
     missing = [p for p in [run_dir, *run_dir.parents] if not p.exists()]  # what the lock creates
     with run_lock(run_dir):
@@ -277,7 +284,7 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), *, pointer:
     config = validate_config(checkpoint.meta["config"], list(overrides))
     if pointer is None and config.evaluate.checkpoint != "last":
         checkpoint = _find_checkpoint(Path(path), config.evaluate.checkpoint)
-    device = resolve_device(config.device)
+    device = prepare_process(config)
     run = _Run(config, load_data(config), device, progress=False)
     model = model_from_checkpoint(checkpoint).to(device)
     folder = checkpoint.path.parents[2]  # <folder>/<stage>/checkpoints/<checkpoint>
@@ -580,7 +587,7 @@ def certify_checkpoint(path: str | Path, method: str, overrides: list[str] = (),
     to <folder>/certify/<method>.json beside the model's run or variant folder."""
     checkpoint = _find_checkpoint(Path(path), pointer)
     config = validate_config(checkpoint.meta["config"], list(overrides))
-    device = resolve_device(config.device)
+    device = prepare_process(config)
     splits = load_data(config)
     model = model_from_checkpoint(checkpoint).to(device)
     data = _subset(getattr(splits, config.evaluate.split), config.evaluate.samples, config.seed)
@@ -610,7 +617,7 @@ def fourier_checkpoint(path: str | Path, *, eps: float, samples: int, seed: int 
     <folder>/fourier/ beside the model's run or variant folder."""
     checkpoint = _find_checkpoint(Path(path), pointer)
     config = validate_config(checkpoint.meta["config"], list(overrides))
-    device = resolve_device(config.device)
+    device = prepare_process(config)
     model = model_from_checkpoint(checkpoint).to(device)
     data = _subset(load_data(config).test, samples, seed)
     x, y = data.images.to(device).float().div_(255), data.labels.to(device)
