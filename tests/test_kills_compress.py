@@ -1,0 +1,95 @@
+"""Exact values of compress/ (quantizers, size accounting), computed by hand.
+
+Each test pins numbers that a plausible slip in quantize.py or size.py would change (a mask not
+passed on, a clamp of 2 instead of 1, a sign test > instead of >=, a lost dtype, a name left out).
+"""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from cardkit.compress import model_size
+from cardkit.compress.quantize import QuantSpec, _config_bits, quantize_binary, quantize_kmeans, sqnr_db
+from cardkit.models import create_model, model_from_arch
+
+
+def test_uniform_spec_takes_its_scale_from_the_kept_weights_only():
+    # bits 3: levels k x scale, k in -3..3; kept |w| max is 2 (the 4 is masked), scale 2/3.
+    weight = torch.tensor([[4.0, -1.0, 2.0, 0.5]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0]])
+    q = QuantSpec("uniform", 3)(weight, mask)
+    scale = 2 / 3
+    # -1 / scale = -1.5 rounds half to even -> -2; 0.5 / scale = 0.75 -> 1.
+    assert torch.allclose(q.values, torch.tensor([[0.0, -2 * scale, 2.0, scale]]), atol=1e-7, rtol=0)
+    assert q.codes.tolist() == [[3, 1, 6, 4]]  # code = k + 3; the removed weight holds the zero level
+    assert torch.allclose(q.codebook, torch.arange(-3, 4, dtype=torch.float32) * scale)
+
+
+def test_config_bits_reports_the_check_bits_message():
+    with pytest.raises(ValueError, match=r"^quantization bits must be an integer from 1 to 8, got 9$"):
+        _config_bits(9)
+    assert _config_bits(4) == 4
+
+
+def test_binary_alpha_is_the_mean_kept_magnitude_and_zero_maps_to_plus_alpha():
+    # Per channel: row 0 keeps 0, -3, 1 (alpha 4/3); row 1 keeps only -5 (alpha 5, one weight).
+    weight = torch.tensor([[0.0, -3.0, 1.0], [2.0, -5.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
+    q = quantize_binary(weight, mask, per_channel=True)
+    a = 4 / 3
+    assert torch.allclose(q.codebook, torch.tensor([[-a, a], [-5.0, 5.0]]))
+    assert torch.allclose(q.values, torch.tensor([[a, -a, a], [0.0, -5.0, 0.0]]))
+    assert q.codes.tolist() == [[1, 0, 1], [1, 0, 1]] and q.bits == 1
+
+
+def test_sqnr_in_decibels_and_its_limits():
+    # |ref|^2 = 0.25, |ref - approx|^2 = 0.0625: 10 log10(4) dB.
+    assert sqnr_db(torch.tensor([0.5]), torch.tensor([0.25])) == pytest.approx(10 * math.log10(4), abs=1e-12)
+    assert sqnr_db(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 3.0])) == pytest.approx(10 * math.log10(25), abs=1e-12)
+    assert sqnr_db(torch.zeros(2), torch.tensor([0.1, 0.0])) == -math.inf
+    assert sqnr_db(torch.tensor([1.0]), torch.tensor([1.0])) == math.inf
+
+
+def test_kmeans_warm_start_keeps_float32_and_pins_centre_zero():
+    init = torch.tensor([0.5, -1.0, 1.0, 2.0], dtype=torch.float64)
+    weight = torch.tensor([0.1, -0.9, 1.2, 2.2, 0.0])
+    q = quantize_kmeans(weight, bits=2, iterations=0, init=init)
+    assert q.codebook.dtype == torch.float32
+    assert q.codebook.tolist() == [0.0, -1.0, 1.0, 2.0]
+    assert q.codes.tolist() == [0, 1, 2, 3, 0]
+    with pytest.raises(ValueError, match=r"^init has 3 centres, 4 are needed$"):
+        quantize_kmeans(weight, bits=2, init=torch.zeros(3))
+
+
+def test_size_report_of_a_tiny_pruned_layer_by_hand():
+    layer = nn.Linear(8, 1)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 0, 0, 0, 0, 0, 0, 2.0]]))
+        layer.bias.fill_(0.5)
+    report = model_size(nn.Sequential(layer))
+    # Kept positions 0 and 7: gaps 1, 7. Width 3 needs no escape: 2 entries x 3 bits = 6 bits,
+    # less than the 8-bit bitmap (width 1: 8 entries, width 2: 4 entries, both 8 bits).
+    # Values 2 x 32 bits, the bias 32 bits: 102 bits in all; the dense model 9 x 32 = 288.
+    (t,) = report.tensors
+    assert (t.name, t.weights, t.kept, t.scheme, t.value_bits) == ("0.weight", 8, 2, "float", 32)
+    assert (t.values, t.positions, t.position_format, t.tables, t.bits) == (64, 6, "gaps", 0, 70)
+    assert (report.other_bits, report.bits, report.bytes, report.dense_bits) == (32, 102, 13, 288)
+    assert report.compression_ratio == 288 / 102
+    assert report.to_dict() == {
+        "bytes": 13, "dense_bytes": 36, "compression_ratio": 288 / 102, "values_bytes": 8.0,
+        "positions_bytes": 0.75, "tables_bytes": 0.0, "other_bytes": 4.0,
+        "tensors": [{"name": "0.weight", "weights": 8, "kept": 2, "scheme": "float", "value_bits": 32,
+                     "values_bytes": 8.0, "positions_bytes": 0.75, "position_format": "gaps",
+                     "tables_bytes": 0.0, "bytes": 9}]}
+
+
+def test_dense_bits_of_a_structured_model_are_those_of_the_full_architecture():
+    net = create_model("cnn_small", 10, 1, 8)
+    full = 32 * (sum(p.numel() for p in net.parameters())
+                 + sum(b.numel() for b in net.buffers() if b.is_floating_point()))
+    smaller = model_from_arch({**net.arch, "structured": {"conv1": 3}})
+    assert model_size(net).dense_bits == full
+    assert model_size(smaller).dense_bits == full
+    assert model_size(smaller).bits < full
