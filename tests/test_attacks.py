@@ -367,18 +367,42 @@ def test_restarts_run_only_on_unfooled_points_and_keep_every_success(best):
     assert recorder.sizes[::2] == [n] + [int((~f).sum()) for f in fooled[:-1]]
 
 
+class Inputs(nn.Module):
+    """Records every input the model is run on."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.seen = inner, []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return self.inner(x)
+
+
 def test_best_iterate_restarts_keep_the_highest_margin_of_unfooled_points():
-    """The bump is out of reach: every restart fails, and the kept input is the restart whose
-    random start came closest to it (steps too small to move)."""
-    model = Bump(0.005, scale=0.05)
+    """The bump is out of reach: every restart fails, and the kept input is, per point, the one of
+    all the inputs the attack tried whose margin (class 1's logit minus class 0's) is highest; the
+    steps are too small to move, so those are the random starts."""
+    bump = Bump(0.005, scale=0.05)
     x = torch.linspace(0.30, 0.40, 50)[:, None]
     y = torch.zeros(50, dtype=torch.long)
     run = dict(steps=1, step_size=1e-12, best=True, loss="cw")
     torch.manual_seed(0)
-    one = pgd(model, x, y, Threat("linf", 0.1), restarts=1, **run)
+    one = pgd(bump, x, y, Threat("linf", 0.1), restarts=1, **run)
+    recorder = Inputs(bump)
     torch.manual_seed(0)
-    many = pgd(model, x, y, Threat("linf", 0.1), restarts=6, **run)
-    assert (many >= one).all() and (many > one + 0.01).sum() >= 30  # closer to 0.55 is better
+    many = pgd(recorder, x, y, Threat("linf", 0.1), restarts=6, **run)
+    # two forwards per restart (the start, then the final iterate), on all 50 points each time
+    assert [len(t) for t in recorder.seen] == [50] * 12
+    tried = torch.stack(recorder.seen)  # (12, 50, 1)
+    with torch.no_grad():
+        margins = torch.stack([bump(t)[:, 1] - bump(t)[:, 0] for t in tried])
+    best = margins.argmax(0)
+    expected = tried[best, torch.arange(50)]
+    assert torch.equal(many, expected)
+    assert torch.equal(one, tried[:2][margins[:2].argmax(0), torch.arange(50)])  # the same first start
+    # the later restarts matter: about 5 / 6 of the points keep one of them
+    assert 30 <= int((best >= 2).sum()) < 50
     assert (many - x).abs().max() <= 0.1 + 1e-6
 
 
