@@ -44,9 +44,13 @@ def test_every_variant_is_evaluated_with_its_sparsity(pruned_run):
         metrics = json.loads((config.run_dir / name / "evaluate" / "metrics.json").read_text())
         for layer in metrics["layers"]:
             assert layer["kept"] == round(0.2 * layer["weights"])
-    structured = by_variant["magnitude-0.5-structured"].model
-    assert structured["parameters"] < by_variant["dense"].model["parameters"]
-    assert structured["size_bytes"] < by_variant["dense"].model["size_bytes"]
+    # cnn_small on 1 x 8 x 8: conv 1->16 (4x4), conv 16->32 (4x4), linear 128->100, linear 100->10,
+    # with biases; the structured variant keeps half the channels of every hidden layer (8, 16, 50)
+    dense, structured = by_variant["dense"].model, by_variant["magnitude-0.5-structured"].model
+    assert dense["parameters"] == (16 * 16 + 16) + (32 * 16 * 16 + 32) + (100 * 128 + 100) + (10 * 100 + 10) == 22406
+    assert structured["parameters"] == (8 * 16 + 8) + (16 * 8 * 16 + 16) + (50 * 64 + 50) + (10 * 50 + 10) == 5960
+    # float32, plus the normalization's mean and std
+    assert dense["size_bytes"] == 4 * (22406 + 2) and structured["size_bytes"] == 4 * (5960 + 2)
 
 
 def test_finetuned_variants_keep_their_masks_and_reload_from_checkpoints(pruned_run):
@@ -60,7 +64,9 @@ def test_finetuned_variants_keep_their_masks_and_reload_from_checkpoints(pruned_
     again = evaluate_checkpoint(config.run_dir / "hydra-0.8")
     stored = json.loads((config.run_dir / "hydra-0.8" / "evaluate" / "metrics.json").read_text())
     assert again.evaluations[0].variant == "hydra-0.8"
-    assert again.evaluations[0].robustness.clean_accuracy == pytest.approx(stored["robustness"]["clean_accuracy"])
+    # the same weights on the same points: the same accuracies, exactly
+    assert again.evaluations[0].robustness.clean_accuracy == stored["robustness"]["clean_accuracy"]
+    assert again.evaluations[0].robustness.robust_accuracy == stored["robustness"]["robust_accuracy"]
     structured = model_from_checkpoint(
         load_checkpoint(config.run_dir / "magnitude-0.5-structured" / "finetune" / "checkpoints"))
     assert "structured" in structured.arch and not masked_layers(structured)
@@ -97,15 +103,17 @@ def test_changed_prune_settings_are_refused_for_an_existing_variant(pruned_run):
         run_pipeline(changed)
 
 
-def test_folders_written_before_a_key_existed_resume_at_its_default(pruned_run):
+def test_folders_written_before_a_key_existed_resume_at_its_default(pruned_run, monkeypatch):
     """A config key added to cardkit later (here pgd_at's clean_weight and a method's quantize)
-    compares at its default, so upgrading cardkit does not orphan existing run folders."""
+    compares at its default, so upgrading cardkit does not orphan existing run folders; a folder
+    that recorded another value for it is still refused."""
     import yaml
 
-    config, _ = pruned_run
+    config, result = pruned_run
     saved = config.run_dir / "config.yaml"
     variant = config.run_dir / "hydra-0.8" / "variant.yaml"
     originals = saved.read_text(), variant.read_text()
+    assert config.prune.objective.clean_weight == 0.0  # the default the missing key compares at
     try:
         old = yaml.safe_load(originals[0])
         del old["prune"]["objective"]["clean_weight"], old["prune"]["methods"][1]["quantize"]
@@ -113,13 +121,21 @@ def test_folders_written_before_a_key_existed_resume_at_its_default(pruned_run):
         old_variant = yaml.safe_load(originals[1])
         del old_variant["method"]["quantize"], old_variant["prune"]["objective"]["clean_weight"]
         variant.write_text(yaml.safe_dump(old_variant))
-        run_pipeline(config)  # everything is complete: resumes, checks, re-evaluates
+        with monkeypatch.context() as patch:  # everything is complete: nothing trains again
+            patch.setattr(Trainer, "_step", lambda *a: pytest.fail("a complete stage trained again"))
+            resumed = run_pipeline(config)
+        assert [e.variant for e in resumed.evaluations] == [e.variant for e in result.evaluations]
+        for ours, theirs in zip(resumed.evaluations, result.evaluations):
+            assert ours.robustness.clean_accuracy == theirs.robustness.clean_accuracy, ours.variant
+        old_variant["prune"]["objective"]["clean_weight"] = 0.5  # another value than the config's
+        variant.write_text(yaml.safe_dump(old_variant))
+        with pytest.raises(CardkitError, match=r"hydra-0\.8.*clean_weight"):
+            run_pipeline(config)
     finally:
         saved.write_text(originals[0])
         variant.write_text(originals[1])
 
 
-@pytest.mark.slow
 def test_hydra_beats_lwm_at_99_percent_on_mnist(tmp_path, shared_data):
     """HYDRA's headline claim, at CPU scale: with the same fine-tuning budget, masks chosen by
     scores trained under the PGD loss keep more PGD accuracy than least-weight-magnitude ones."""
