@@ -17,7 +17,9 @@ from torch import nn
 
 from cardkit.compress.packing import (_encode_gaps, decode_positions, encode_positions, pack_uint,
                                       position_cost, unpack_uint)
+from cardkit.compress.encode import decode_tensor, encode_tensor
 from cardkit.compress.quantize import quantize_binary, quantize_kmeans, quantize_uniform
+from cardkit.compress.stored import StoredTensor
 from cardkit.config import RunConfig, dump_config, load_config, validate_config
 from cardkit.errors import CardkitError
 from cardkit.prune.masked import MaskGroup, add_masks
@@ -187,6 +189,40 @@ def test_kmeans_codebook_zero_centre_and_idempotence(case, bits, iterations):
     # Quantizing the quantized weight again with its codebook changes nothing, Lloyd steps included.
     again = quantize_kmeans(q.values, mask, bits=bits, iterations=5, init=q.codebook)
     assert torch.equal(again.values, q.values) and torch.equal(again.codebook, q.codebook)
+
+
+@FAST
+@given(weights_and_masks(), st.sampled_from(["float", "uniform", "uniform_per_channel", "binary", "kmeans"]),
+       st.integers(1, 8))
+def test_encoded_streams_are_exactly_the_accounted_bits_and_decode_exactly(case, scheme, bits):
+    weight, mask = case
+    kept = mask.bool()
+    per_channel = scheme == "uniform_per_channel"
+    if scheme == "float":
+        stored = StoredTensor("w", weight * mask, kept)
+    elif scheme == "kmeans":
+        q = quantize_kmeans(weight, mask, bits=bits)
+        stored = StoredTensor("w", q.values, kept, "kmeans", q)
+    else:
+        q = (quantize_binary(weight, mask) if scheme == "binary"
+             else quantize_uniform(weight, mask, bits=bits, per_channel=per_channel))
+        stored = StoredTensor("w", q.values, kept, "uniform", q, per_channel)
+    encoded = encode_tensor(stored)
+    count = int(kept.sum())
+    assert encoded.kept == count and encoded.value_stream_bits == count * encoded.value_bits
+    # Each stream holds exactly its accounted bits, rounded up to whole bytes.
+    assert encoded.values.nbytes == math.ceil(encoded.value_stream_bits / 8)
+    assert encoded.positions.data.nbytes == math.ceil(encoded.positions.bits / 8)
+    assert encoded.table.nbytes * 8 == encoded.table_bits
+    assert encoded.bits == encoded.positions.bits + encoded.value_stream_bits + encoded.table_bits
+    if encoded.scheme == "kmeans":  # the centres in use and codes just wide enough for them
+        used = q.codes[kept].unique().numel()
+        assert encoded.table.size == used and encoded.value_bits == max(1, math.ceil(math.log2(max(used, 1))))
+    elif encoded.scheme == "uniform":  # one scale per row
+        assert encoded.value_bits == bits and encoded.table.size == (weight.shape[0] if per_channel else 1)
+    elif encoded.scheme == "binary":  # one sign bit per kept value, one alpha per row
+        assert encoded.value_bits == 1 and encoded.table.size == (weight.shape[0] if per_channel else 1)
+    assert torch.equal(decode_tensor(encoded), torch.where(kept, stored.values, 0))
 
 
 # --- mask keep counts ----------------------------------------------------------------------------

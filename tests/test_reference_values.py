@@ -5,7 +5,6 @@ missing term) fails rather than only a broken one."""
 import math
 import statistics
 
-import numpy as np
 import pytest
 import torch
 from scipy.stats import beta, binom, norm
