@@ -326,7 +326,8 @@ def test_a_path_in_a_config_file_is_read_from_the_file_s_folder(tmp_path, monkey
     monkeypatch.chdir(elsewhere)
     config = load_config(path)
     assert config.data.data_dir == str(tmp_path / "data")
-    assert config.evaluate.corruption.baseline == str(tmp_path / "configs" / "base" / "corruption.json")
+    # A baseline is a run folder's result: like output_dir, it is read from the working folder.
+    assert config.evaluate.corruption.baseline == str(elsewhere / "base" / "corruption.json")
     # A path typed on the command line, and the default, are read from the working folder.
     assert load_config(path, ["data.data_dir=mine"]).data.data_dir == str(elsewhere / "mine")
     assert load_config(None).data.data_dir == str(elsewhere / "data")

@@ -298,6 +298,9 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--restart", action="store_true",
                         help="delete the run folder and start over instead of resuming")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="every stage and method for 2 steps on a few images, in NAME-dry-run: checks that "
+                             "a long config validates, finds its data and runs")
 
 
 def _run(args, pipeline: list[str] | None = None) -> int:
@@ -308,6 +311,10 @@ def _run(args, pipeline: list[str] | None = None) -> int:
     if pipeline is not None:
         overrides.append(f"pipeline={pipeline}")
     config = load_config(args.config, overrides)
+    if args.dry_run:
+        from cardkit.engine.dryrun import dry_run_config
+
+        config = dry_run_config(config)
     result = run_pipeline(config, restart=args.restart, progress=not args.no_progress)
     _print_result(result)
     return 0

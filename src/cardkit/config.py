@@ -274,8 +274,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     return resolve_paths(validate_config(raw, overrides))
 
 
-# Paths a config names, relative to the config file's folder when written in it.
-_PATH_KEYS = (("data", "data_dir"), ("evaluate", "corruption", "suite"), ("evaluate", "corruption", "baseline"))
+# Data paths a config names, relative to the config file's folder when written in it (run folders,
+# output_dir and a corruption baseline among them, stay relative to the working folder).
+_PATH_KEYS = (("data", "data_dir"), ("evaluate", "corruption", "suite"))
 
 
 def _relative_to_file(raw: dict, path: Path) -> dict:
