@@ -279,11 +279,16 @@ OVERRIDES = {  # key -> values it accepts
     "pretrain.schedule.milestones": st.lists(st.integers(1, 100), max_size=4),
     "finetune.epochs": st.integers(1, 50),
     "evaluate.samples": st.integers(1, 10_000),
+    "prune.methods": st.lists(st.tuples(st.sampled_from(["magnitude", "hydra", "gmp"]),
+                                        st.sampled_from([0.0, 0.5, 0.9, 0.99])),
+                              min_size=1, max_size=3, unique=True),
 }
 
 
 def text_of(value):
     """A value as written after --set key= (YAML)."""
+    if isinstance(value, list) and value and isinstance(value[0], tuple):  # pruning methods
+        return "[" + ", ".join(f"{{name: {name}, sparsity: {sparsity}}}" for name, sparsity in value) + "]"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, list):
@@ -298,6 +303,8 @@ def text_of(value):
 def field(config, key):
     for part in key.split("."):
         config = getattr(config, part)
+    if key == "prune.methods":
+        return [(method.name, method.sparsity) for method in config]
     return config
 
 
