@@ -248,8 +248,8 @@ ISOLATED = {
                             r"has bitmap positions with a width or entries"),
     # 49 + ceil(77 * 5 / 8) + 4 = 102 bytes for 5-bit codes; 92 stored
     "stream length": (lambda h, a: _entry(h).update(bits=5),
-                      r"the header and the tensor of conv1\.weight disagree \(77 kept values of 5 bits need "
-                      r"102 bytes, 92 are stored\)"),
+                      (r"the header and the tensor of conv1\.weight disagree \(77 kept values of 5 bits need "
+                       r"102 bytes, 92 are stored\)")),
     # two scales where one table row is declared: the lengths agree (96 bytes) but not the table
     "table size": (lambda h, a: (_entry(h).update(table=2),
                                  a.update({"conv1.weight": np.concatenate([a["conv1.weight"], np.zeros(4, np.uint8)])})),

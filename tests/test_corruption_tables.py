@@ -14,8 +14,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from cardkit.corrupt import corrupt
-from cardkit.corrupt import blur, digital, noise, weather
+from cardkit.corrupt import blur, corrupt, digital, noise, weather
 from cardkit.corrupt.registry import BENCHMARK, EXTRAS, lookup_corruption
 
 IMSIZE = 32  # make_cifar_c.py's elastic_transform gives its parameters as fractions of the side

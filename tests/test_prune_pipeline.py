@@ -54,7 +54,7 @@ def test_every_variant_is_evaluated_with_its_sparsity(pruned_run):
 
 
 def test_finetuned_variants_keep_their_masks_and_reload_from_checkpoints(pruned_run):
-    config, result = pruned_run
+    config, _ = pruned_run
     for variant in ("magnitude-0.8", "hydra-0.8"):
         prune = model_from_checkpoint(load_checkpoint(config.run_dir / variant / "prune" / "checkpoints"))
         tuned = model_from_checkpoint(load_checkpoint(config.run_dir / variant / "finetune" / "checkpoints"))

@@ -88,7 +88,7 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, monkeypatch, referenc
 
 
 def test_outputs_and_pgd_below_clean(reference):
-    config, result, _ = reference
+    config, _, _ = reference
     run_dir = config.run_dir
     assert (run_dir / "config.yaml").is_file()
     assert validate_config(__import__("yaml").safe_load((run_dir / "config.yaml").read_text())) == config
