@@ -136,6 +136,7 @@ def test_folders_written_before_a_key_existed_resume_at_its_default(pruned_run, 
         variant.write_text(originals[1])
 
 
+@pytest.mark.slow
 def test_hydra_beats_lwm_at_99_percent_on_mnist(tmp_path, shared_data):
     """HYDRA's headline claim, at CPU scale: with the same fine-tuning budget, masks chosen by
     scores trained under the PGD loss keep more PGD accuracy than least-weight-magnitude ones."""
