@@ -6,6 +6,7 @@ passed on, a clamp of 2 instead of 1, a sign test > instead of >=, a lost dtype,
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -93,3 +94,57 @@ def test_dense_bits_of_a_structured_model_are_those_of_the_full_architecture():
     assert model_size(net).dense_bits == full
     assert model_size(smaller).dense_bits == full
     assert model_size(smaller).bits < full
+
+
+def test_kmeans_initial_centres_sit_at_the_middles_of_equal_cells():
+    # Kept values -1, 0.5, 2: three cells of width 1 over [-1, 2], middles -0.5, 0.5, 1.5.
+    q = quantize_kmeans(torch.tensor([2.0, -1.0, 0.5, 9.0]), torch.tensor([1.0, 1.0, 1.0, 0.0]),
+                        bits=2, iterations=0)
+    assert torch.allclose(q.codebook, torch.tensor([0.0, -0.5, 0.5, 1.5]))
+    assert q.codes.tolist() == [3, 1, 2, 0] and q.bits == 2  # the removed weight holds code 0
+
+
+def test_one_lloyd_step_by_hand():
+    # Centres 0, 1, 5, 10 (midpoints 0.5, 3, 7.5): 1.2 -> centre 1, 4.0 -> centre 5, centre 10 empty.
+    # One step: the one-value clusters move onto their value, the empty one keeps its centre.
+    q = quantize_kmeans(torch.tensor([1.2, 4.0]), bits=2, iterations=1, init=torch.tensor([0.0, 1, 5, 10]))
+    assert torch.allclose(q.codebook, torch.tensor([0.0, 1.2, 4.0, 10.0]))
+    # A value on a midpoint goes to the lower centre, in the step as in the assignment: 1.0 lies
+    # halfway between 0 and 2 and joins the zero centre, so centre 2 moves to 3 (not to 2).
+    q = quantize_kmeans(torch.tensor([1.0, 3.0]), bits=1, iterations=1, init=torch.tensor([0.0, 2.0]))
+    assert q.codebook.tolist() == [0.0, 3.0] and q.codes.tolist() == [0, 1]
+
+
+def test_packing_error_messages():
+    from cardkit.compress.packing import Positions, decode_positions, unpack_uint, _check_width
+    with pytest.raises(ValueError, match=r"^width must be an integer in 1\.\.32, got True$"):
+        _check_width(True)
+    with pytest.raises(ValueError, match=r"^count must be >= 0, got -1$"):
+        unpack_uint(np.zeros(1, np.uint8), 3, -1)
+    with pytest.raises(ValueError, match=r"^3 values of 5 bits need 2 bytes, got 1$"):
+        unpack_uint(np.zeros(1, np.uint8), 5, 3)
+    cases = [(Positions("sparse", 4, np.zeros(0, np.uint8)), r"^unknown positions format 'sparse'$"),
+             (Positions("dense", -1, np.zeros(0, np.uint8)), r"^negative number of weights -1$"),
+             (Positions("dense", 4, np.zeros(1, np.uint8)), r"^dense positions store no data, got 1 bytes$"),
+             (Positions("bitmap", 9, np.zeros(1, np.uint8)), r"^bitmap of 9 weights needs 2 bytes, got 1$"),
+             (Positions("gaps", 4, np.zeros(0, np.uint8), 2, -1), r"^negative number of gap entries -1$"),
+             (Positions("gaps", 4, np.zeros(2, np.uint8), 2, 3), r"^3 gap entries of 2 bits need 1 bytes, got 2$"),
+             # entries 3, 2 (width 2): positions 2 and 4, and 4 is past weights 0..3.
+             (Positions("gaps", 4, np.array([0b1011], np.uint8), 2, 2),
+              r"^gap entries reach position 4, past the 4 weights$")]
+    for p, message in cases:
+        with pytest.raises(ValueError, match=message):
+            decode_positions(p)
+    # Entries 3, 1 reach position 3, the last of 4 weights: valid.
+    assert decode_positions(Positions("gaps", 4, np.array([0b0111], np.uint8), 2, 2)).tolist() == [
+        False, False, True, True]
+
+
+def test_packing_accepts_plain_python_sequences():
+    from cardkit.compress.packing import Positions, decode_positions, encode_positions, unpack_uint
+    assert unpack_uint([0b10110001], 4, 2).tolist() == [1, 11]
+    assert decode_positions(Positions("bitmap", 3, [0b101])).tolist() == [True, False, True]
+    # A float mask is a mask: nonzero is kept (bitmap of 16 weights, 9 kept, 2 bytes).
+    mask = np.array([1.0, 0.0] * 4 + [1.0] * 8)
+    p = encode_positions(mask)
+    assert p.format == "bitmap" and p.bits == 16 and decode_positions(p).tolist() == (mask != 0).tolist()
