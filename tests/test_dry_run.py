@@ -28,9 +28,14 @@ def test_a_dry_run_keeps_every_stage_and_method_and_cuts_the_work():
 
 @pytest.mark.parametrize("path", RUNS, ids=[str(p.relative_to(CONFIGS)) for p in RUNS])
 def test_every_shipped_config_runs_its_first_steps(path, shared_data, tmp_path, capsys):
-    config = load_config(path)
+    # The paper-scale configs read the full official CIFAR-10 download; ../shared/data has its
+    # training batches and the first 1,000 test images.
+    data = [] if path.parent == CONFIGS else [
+        "--set", f"data.data_dir={shared_data}",
+        "--set", "data.test_files=[cifar-10-test-1k/test_batch_first1000.bin]"]
+    config = load_config(path, data[1::2])
     assert main(["-q", "run", str(path), "--dry-run", "--no-progress",
-                 "--set", f"output_dir={tmp_path}"]) == 0
+                 "--set", f"output_dir={tmp_path}", *data]) == 0
     run = tmp_path / f"{config.name}-dry-run"
     assert not (tmp_path / config.name).exists()
     written = yaml.safe_load((run / "config.yaml").read_text())
@@ -39,3 +44,13 @@ def test_every_shipped_config_runs_its_first_steps(path, shared_data, tmp_path, 
     for folder in folders:
         result = json.loads((folder / "evaluate" / "metrics.json").read_text())
         assert result["robustness"]["samples"] == POINTS, folder
+
+
+def test_the_paper_deck_names_the_cards_of_the_paper_card_configs():
+    from cardkit.engine.deck import load_deck_config
+
+    deck = load_deck_config(CONFIGS / "paper" / "deck.yaml")
+    names = {load_config(path).name: [m.label for m in load_config(path).prune.methods]
+             for path in CONFIGS.glob("paper/cards-*.yaml")}
+    expected = {f"runs/{run}/{label}" for run, labels in names.items() for label in labels}
+    assert {card.checkpoint for card in deck.cards} == expected and len(deck.cards) == 6
