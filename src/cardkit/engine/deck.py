@@ -18,15 +18,36 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cardkit.compress import model_size
-from cardkit.config import DataConfig, RunConfig, _read_yaml, folder_name, validate_config, validate_section
+from cardkit.config import (
+    DataConfig,
+    RunConfig,
+    _read_yaml,
+    folder_name,
+    validate_config,
+    validate_section,
+)
 from cardkit.config_base import Section
 from cardkit.corrupt import SEVERITIES, expand_names
 from cardkit.corrupt.files import CorruptedSuite, GeneratedSuite
 from cardkit.data import BatchLoader
-from cardkit.deck import DISTANCES, GATINGS, Card, CardDeck, domain_key, reference_spectrum
+from cardkit.deck import (
+    DISTANCES,
+    GATINGS,
+    Card,
+    CardDeck,
+    domain_key,
+    reference_spectrum,
+)
 from cardkit.engine.checkpoint import record_result, write_json_atomic
+from cardkit.engine.pipeline import (
+    _find_checkpoint,
+    _subset,
+    load_data,
+    model_from_checkpoint,
+    resolve_device,
+)
 from cardkit.engine.rundir import check_run_folder, claim_run_folder, run_lock
-from cardkit.engine.pipeline import _find_checkpoint, _subset, load_data, model_from_checkpoint, prepare_process, resolve_device
+from cardkit.engine.threads import set_threads
 from cardkit.errors import CardkitError
 from cardkit.eval.corruption import evaluate_corruptions
 from cardkit.objectives.augment import CLEAN, DomainConfig, augmenter, domain_config
@@ -71,7 +92,8 @@ def load_deck_config(path: str | Path) -> DeckConfig:
 
 def build_deck(config: DeckConfig) -> Path:
     """Load the cards, compute each domain's reference spectrum, write the deck folder."""
-    device = prepare_process(config)
+    set_threads(None)
+    device = resolve_device(config.device)
     check_run_folder(config.folder)
     cards, run_config = _load_cards(config, device)
     if config.data is not None:
