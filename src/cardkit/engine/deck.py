@@ -18,35 +18,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cardkit.compress import model_size
-from cardkit.config import (
-    DataConfig,
-    RunConfig,
-    _read_yaml,
-    folder_name,
-    validate_config,
-    validate_section,
-)
+from cardkit.config import DataConfig, RunConfig, _read_yaml, folder_name, validate_config, validate_section
 from cardkit.config_base import Section
 from cardkit.corrupt import SEVERITIES, expand_names
 from cardkit.corrupt.files import CorruptedSuite, GeneratedSuite
 from cardkit.data import BatchLoader
-from cardkit.deck import (
-    DISTANCES,
-    GATINGS,
-    Card,
-    CardDeck,
-    domain_key,
-    reference_spectrum,
-)
+from cardkit.deck import DISTANCES, GATINGS, Card, CardDeck, domain_key, reference_spectrum
 from cardkit.engine.checkpoint import record_result, write_json_atomic
-from cardkit.engine.pipeline import (
-    _find_checkpoint,
-    _subset,
-    load_data,
-    model_from_checkpoint,
-    resolve_device,
-)
 from cardkit.engine.rundir import check_run_folder, claim_run_folder, run_lock
+from cardkit.engine.pipeline import _find_checkpoint, _subset, load_data, model_from_checkpoint, resolve_device
 from cardkit.engine.threads import set_threads
 from cardkit.errors import CardkitError
 from cardkit.eval.corruption import evaluate_corruptions
