@@ -16,6 +16,7 @@ from scipy import ndimage
 
 from cardkit.corrupt import blur, corrupt, digital, noise, weather
 from cardkit.corrupt.registry import BENCHMARK, EXTRAS, lookup_corruption
+from test_corrupt_weather_digital import _images as smooth_images
 
 IMSIZE = 32  # make_cifar_c.py's elastic_transform gives its parameters as fractions of the side
 
@@ -142,13 +143,7 @@ def test_published_constants_cardkit_hard_codes():
 # ---- outputs against the published formulas ------------------------------------------------------
 
 def _images(n=3, side=32, channels=3, seed=0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:side, 0:side] / (side - 1)
-    angle = rng.uniform(0, 2 * np.pi, (n, 1, 1, 1))
-    ramp = (np.cos(angle) * x[..., None] + np.sin(angle) * y[..., None] + 1) / 2
-    tint = rng.uniform(0.2, 1.0, (n, 1, 1, channels))
-    images = 0.05 + 0.9 * ramp * tint + rng.normal(0, 0.05, (n, side, side, channels))
-    return np.clip(np.rint(images * 255), 0, 255).astype(np.uint8)
+    return smooth_images(side, channels, n=n, seed=seed)
 
 
 def _float(name, images, severity, seed=0):
