@@ -194,6 +194,9 @@ class RunConfig(Section):
     seed: NonNegativeInt = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     threads: Optional[PositiveInt] = None  # intra-op threads per process; null: cores / local processes
+    # training steps under autocast (fp16 with a loss scaler); evaluation and bounds stay fp32
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch, not each shard
     output_dir: str = "runs"
     pipeline: list[Literal[STAGES]] = Field(default_factory=lambda: ["pretrain", "evaluate"], min_length=1)
     threat: ThreatConfig = Field(default_factory=ThreatConfig)

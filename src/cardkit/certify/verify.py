@@ -11,6 +11,7 @@ from torch import nn
 
 from cardkit.certify.crown import crown_margin_bounds
 from cardkit.certify.ibp import _layers, ibp_margin_bounds
+from cardkit.distributed import all_sum, owns
 from cardkit.registry import Registry
 
 BoundMethod = str  # a name of BOUNDS
@@ -64,7 +65,8 @@ def margin_lower_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps:
 def verified_accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                       eps: float, method: BoundMethod = "crown", split: str = "test") -> VerificationResult:
     """Clean accuracy and Linf verified accuracy; only correctly classified points are bounded.
-    The model is evaluated in eval mode and its mode restored afterwards."""
+    The model is evaluated in eval mode and its mode restored afterwards. Under torchrun the
+    batches go round-robin to the ranks and the counts are summed: every rank returns the total."""
     BOUNDS.canonical(method)  # an unknown method fails before any work
     was_training = model.training
     model.eval()
@@ -72,7 +74,9 @@ def verified_accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, to
     clean = verified = total = 0
     try:
         with torch.no_grad():
-            for x, y in batches:
+            for number, (x, y) in enumerate(batches):
+                if not owns(number):
+                    continue
                 correct = model(x).argmax(1) == y
                 clean += int(correct.sum())
                 total += len(y)
@@ -84,6 +88,7 @@ def verified_accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, to
                     verified += int((lower > 0).all(1).sum())
     finally:
         model.train(was_training)
+    clean, verified, total = (int(c) for c in all_sum(torch.tensor([clean, verified, total], dtype=torch.float64)))
     return VerificationResult(split=split, samples=total, method=method, norm="linf", eps=eps,
                               clean_accuracy=clean / max(total, 1),
                               verified_accuracy=verified / max(total, 1),

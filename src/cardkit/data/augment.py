@@ -29,13 +29,17 @@ class Augmentation:
     def active(self) -> bool:
         return self.crop_padding > 0 or self.hflip
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None, *,
+                 part: slice = slice(None), total: int | None = None) -> torch.Tensor:
+        """Augment `x`; with `part` and `total`, x is that part of a batch of `total` images and gets
+        the draws the whole batch would (a data-parallel rank's share)."""
         if not self.active or len(x) == 0:
             return x
-        n, _, h, w = x.shape
-        p = self.crop_padding
-        shifts = torch.randint(0, 2 * p + 1, (2, n), generator=generator)
+        _, _, h, w = x.shape
+        n, p = total or len(x), self.crop_padding
+        shifts = torch.randint(0, 2 * p + 1, (2, n), generator=generator)[:, part]
         flips = torch.rand(n, generator=generator) < 0.5 if self.hflip else torch.zeros(n, dtype=torch.bool)
+        flips = flips[part]
         rows, cols = _source_indices(shifts, flips, h, w)
         padded = F.pad(x, (p, p, p, p)) if p else x
         return _gather(padded, rows.to(x.device), cols.to(x.device))

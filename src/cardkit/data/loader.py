@@ -10,6 +10,7 @@ import torch
 
 from cardkit.data.augment import Augmentation
 from cardkit.data.splits import ArrayDataset
+from cardkit.distributed import World, shard_slice
 from cardkit.errors import CardkitError
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,10 @@ class BatchLoader:
 
     An epoch's order and augmentation depend only on its seed: the seed fixes a permutation and one
     augmentation seed per batch, so a run can resume at any batch and see exactly the same data.
+
+    With `shard` (a data-parallel process), each batch is this rank's contiguous part of the global
+    batch of `batch_size`, augmented with the global batch's random draws: the ranks together see
+    exactly the batches of one process.
     """
 
     def __init__(
@@ -35,6 +40,7 @@ class BatchLoader:
         device: torch.device | str = "cpu",
         drop_last: bool = False,
         memory_format: torch.memory_format = torch.contiguous_format,
+        shard: World | None = None,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise CardkitError(f"batch_size={batch_size!r} is not valid; give an integer >= 1")
@@ -44,11 +50,16 @@ class BatchLoader:
         self.device = torch.device(device)
         self.drop_last = drop_last
         self.memory_format = memory_format  # the model's layout, so the training step needs no copy
+        self.shard = shard if shard is not None and shard.size > 1 else None
         self._images, self._labels = _place(dataset, self.device)
 
     def __len__(self) -> int:
         n = len(self._labels)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def global_size(self, k: int) -> int:
+        """The number of samples in global batch `k`, over all ranks."""
+        return min((k + 1) * self.batch_size, len(self._labels)) - k * self.batch_size
 
     def epoch(self, seed: int | None = None, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The epoch's batches from `start_batch` on.
@@ -72,6 +83,10 @@ class BatchLoader:
 
     def _batch(self, order: torch.Tensor | None, k: int, batch_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         start, stop = k * self.batch_size, min((k + 1) * self.batch_size, len(self._labels))
+        total, part = stop - start, slice(None)
+        if self.shard is not None:
+            part = shard_slice(total, self.shard.rank, self.shard.size)
+            start, stop = start + part.start, start + part.stop
         if order is None:
             images, labels = self._images[start:stop], self._labels[start:stop]
         else:
@@ -79,7 +94,7 @@ class BatchLoader:
             images, labels = self._images[index], self._labels[index]
         x = images.to(self.device, non_blocking=True)
         if self.augmentation is not None:  # on uint8: a quarter of the memory traffic of float32
-            x = self.augmentation(x, torch.Generator().manual_seed(batch_seed))
+            x = self.augmentation(x, torch.Generator().manual_seed(batch_seed), part=part, total=total)
         # Transposing float is faster than uint8 here (vectorised), so convert first.
         x = x.float().div_(255.0).contiguous(memory_format=self.memory_format)
         return x, labels.to(self.device, non_blocking=True)

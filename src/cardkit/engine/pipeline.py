@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import shutil
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -38,6 +39,7 @@ from cardkit.config import (STAGES, TRAIN_STAGES, PruneStageConfig, RunConfig, T
 from cardkit.compress import SizeReport, model_size
 from cardkit.config_base import Section
 from cardkit.data import ArrayDataset, Augmentation, BatchLoader, DatasetSplits, load_dataset
+from cardkit.distributed import barrier, gather_objects, init_from_env, is_main, on_main, world
 from cardkit.engine.evalstate import evaluation_key, load_state, save_state
 from cardkit.engine.threads import set_threads
 from cardkit.engine.rundir import check_run_folder, claim_run_folder, clear_run_folder, run_lock
@@ -99,9 +101,20 @@ class _Run:
 
 
 def prepare_process(config: RunConfig) -> torch.device:
-    """Set this process's threads (`threads`) and return the device (`device`) for a config."""
+    """Set this process's threads (`threads`), join torchrun's process group when there is one,
+    and return this process's device (`device`) for a config."""
     set_threads(config.threads)
-    return resolve_device(config.device)
+    device = init_from_env(resolve_device(config.device))
+    if world().size > config.data.batch_size:
+        raise CardkitError(f"{world().size} processes share a global batch of {config.data.batch_size}; "
+                           f"set data.batch_size to at least the number of processes")
+    if config.sync_bn and world().size > 1 and device.type != "cuda":
+        raise CardkitError("sync_bn needs CUDA (torch's SyncBatchNorm runs on GPUs only); set sync_bn: false "
+                           "on the CPU")
+    if config.precision != "fp32" and device.type == "cpu":
+        log.warning("precision %s on the CPU: autocast runs there, but is slower than fp32 on most CPUs",
+                    config.precision)
+    return device
 
 
 def resolve_device(name: str) -> torch.device:
@@ -117,21 +130,25 @@ def run_pipeline(config: RunConfig, *, restart: bool = False, progress: bool = F
                  evaluate_dense: bool = True) -> RunResult:
     run_dir = config.run_dir
     device = prepare_process(config)
-    check_run_folder(run_dir)  # a folder of other files is refused before anything is touched
+    on_main(lambda: check_run_folder(run_dir))  # a folder of other files is refused before anything is touched
     missing = [p for p in [run_dir, *run_dir.parents] if not p.exists()]  # what the lock creates
-    with run_lock(run_dir):
+    with ExitStack() as stack:  # rank 0 holds the run's lock; the other ranks follow it
+        on_main(lambda: stack.enter_context(run_lock(run_dir)))
         try:
-            if restart:
-                clear_run_folder(run_dir)
-            _check_same_run(run_dir, config)
+            on_main(lambda: _prepare_folder(run_dir, config, restart))
             splits = load_data(config)  # before the run is written: a data error leaves nothing behind
         except BaseException:
-            if missing:
+            if missing and is_main():
                 shutil.rmtree(missing[-1], ignore_errors=True)
             raise
-        claim_run_folder(run_dir)
-        _write_config(run_dir, config)
-        return _run_stages(_Run(config, splits, device, progress), evaluate_dense)
+        on_main(lambda: (claim_run_folder(run_dir), _write_config(run_dir, config)))
+        return _run_stages(_Run(config, splits, device, progress and is_main()), evaluate_dense)
+
+
+def _prepare_folder(run_dir: Path, config: RunConfig, restart: bool) -> None:
+    if restart:
+        clear_run_folder(run_dir)
+    _check_same_run(run_dir, config)
 
 
 def _run_stages(run: _Run, evaluate_dense: bool) -> RunResult:
@@ -400,7 +417,7 @@ def _train_stage(run: _Run, stage: str, folder: Path, model: nn.Module, *, stage
     if own is not None:
         load_model_state(model, own)
         optimizer.load_state_dict(own.optimizer_state())
-        state = TrainState(**own.meta["state"], rng=own.rng_state())
+        state = TrainState(**own.meta["state"], rng=_rank_rng(own))
         log.info("%s: resuming at epoch %d, batch %d from %s", stage, state.epoch + 1, state.batch, own.path)
     history = _read_history(folder / "metrics.jsonl", state.epoch)
     if state.epoch >= stage_config.epochs:
@@ -421,6 +438,9 @@ def _train_stage(run: _Run, stage: str, folder: Path, model: nn.Module, *, stage
     def save(state: TrainState, row: dict | None, is_best: bool):
         if before_save is not None:
             before_save()
+        rng = _ranked_rng(state.rng)  # every rank's random state, for a mid-epoch resume
+        if not is_main():
+            return
         if row is not None:
             _append_jsonl(folder / "metrics.jsonl", row)
         pointers = ["last"] + ["best"] * is_best
@@ -429,32 +449,62 @@ def _train_stage(run: _Run, stage: str, folder: Path, model: nn.Module, *, stage
         save_checkpoint(checkpoints, model_state=model.state_dict(),
                         meta=_checkpoint_meta(stage, state, model, config, row,
                                               {**(meta or {}), "domain": stage_domain(stage_config)}),
-                        optimizer_state=optimizer.state_dict(), rng=state.rng, pointers=tuple(pointers))
+                        optimizer_state=optimizer.state_dict(), rng=rng, pointers=tuple(pointers))
 
     forward_model = torch.compile(model) if config.model.compile else model
     describe = str(folder.relative_to(config.run_dir))
     trainer = Trainer(model, _objective(config, stage), stage_config, loader,
                       optimizer, seed=config.seed, stage_id=stage_id, evaluate=evaluate, save=save,
                       forward_model=forward_model, progress=run.progress, describe=describe,
-                      on_step=on_step, regularizer=regularizer)
+                      on_step=on_step, regularizer=regularizer, precision=config.precision,
+                      sync_bn=config.sync_bn)
     state.history = history
-    return trainer.fit(state).history
+    history = trainer.fit(state).history
+    barrier()  # the other ranks read what rank 0 wrote only once it is there
+    return history
 
 
-def _train_loader(run: _Run) -> BatchLoader:
-    """The training batches of every stage: shuffled and augmented, in the model's memory format."""
+def _rank_rng(checkpoint: Checkpoint) -> Optional[dict[str, torch.Tensor]]:
+    """This rank's random state from a mid-epoch checkpoint (None at an epoch boundary). A run
+    resumes with another number of processes only from an epoch boundary."""
+    saved, here = checkpoint.meta["state"].get("world_size", 1), world()
+    rng = checkpoint.rng_state()
+    if saved != here.size:
+        if checkpoint.meta["state"].get("batch"):
+            raise CardkitError(f"{checkpoint.path} was saved mid-epoch by {saved} process(es) and this run "
+                               f"has {here.size}; resume it with {saved} (torchrun --nproc-per-node {saved}) "
+                               f"or from the epoch's start with --restart")
+        log.warning("resuming a stage trained on %d process(es) with %d: the data order and global batch "
+                    "stay the same, the attack noise of each process does not", saved, here.size)
+    if rng is None or saved == 1:
+        return rng
+    prefix = f"rank{here.rank}/"
+    return {k[len(prefix):]: v for k, v in rng.items() if k.startswith(prefix)}
+
+
+def _ranked_rng(rng: Optional[dict[str, torch.Tensor]]) -> Optional[dict[str, torch.Tensor]]:
+    """The ranks' random states in one dict ('rank1/cpu', ...) on rank 0; one process's as it is."""
+    if rng is None or world().size == 1:
+        return rng
+    return {f"rank{r}/{k}": v for r, state in enumerate(gather_objects(rng)) for k, v in state.items()}
+
+
+def _train_loader(run: _Run, shard: bool = True) -> BatchLoader:
+    """The training batches of every stage: shuffled and augmented, in the model's memory format;
+    under torchrun each rank's share of them (`shard`)."""
     config = run.config
     augmentation = Augmentation(crop_padding=config.data.crop_padding, hflip=config.data.hflip)
     memory_format = torch.channels_last if config.model.channels_last else torch.contiguous_format
     return BatchLoader(run.splits.train, config.data.batch_size, shuffle=True, augmentation=augmentation,
                        device=run.device, drop_last=len(run.splits.train) > config.data.batch_size,
-                       memory_format=memory_format)
+                       memory_format=memory_format, shard=world() if shard else None)
 
 
 def _training_batches(run: _Run, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Training batches, epoch after epoch, in an order that `seed` fixes (the loader is built at
-    the first batch asked for)."""
-    loader = _train_loader(run)
+    the first batch asked for). Every rank sees the whole batches: a method's start (a saliency, a
+    projection) must come out the same on all of them."""
+    loader = _train_loader(run, shard=False)
     for epoch in itertools.count():
         yield from loader.epoch(derive_seed(seed, epoch))
 
@@ -481,6 +531,11 @@ def _save_one_shot(folder: Path, make_model: Callable[[], nn.Module], config: Ru
                    meta: dict, trained_in: str = "pretrain") -> None:
     """A stage that trains nothing (one-shot pruning, a structural rebuild): one checkpoint,
     whose domain is that of the stage that last trained the weights."""
+    on_main(lambda: _write_one_shot(folder, make_model, config, meta, trained_in))
+
+
+def _write_one_shot(folder: Path, make_model: Callable[[], nn.Module], config: RunConfig,
+                    meta: dict, trained_in: str) -> None:
     checkpoints = folder / "checkpoints"
     if has_checkpoint(checkpoints):
         return
@@ -512,20 +567,25 @@ def _evaluate(run: _Run, variant: str, model: nn.Module, folder: Path,
                                  batch_size=config.data.eval_batch_size, seed=config.seed,
                                  resume=load_state(state_file, key),
                                  save=lambda state: save_state(state_file, key, state))
-    state_file.unlink(missing_ok=True)
+    on_main(lambda: state_file.unlink(missing_ok=True))
     verified = [verified_accuracy(model, loader.epoch(), _verify_eps(config), method, ev.split)
                 for method in ev.verify]
     corruption = _evaluate_corruptions(run, model, data) if ev.corruption.names else None
-    if corruption is not None:
-        record_result(folder / "evaluate" / "corruption.json", corruption.to_dict())
     size = model_size(model)
     summary = summarize_model(model, size)
-    record_result(folder / "evaluate" / "metrics.json", {
+    metrics = {
         "variant": variant, "checkpoint": str(checkpoint.path), "dataset": config.data.name,
         "model": summary, "pruning": checkpoint.meta.get("pruning"), "domain": checkpoint.meta.get("domain"),
         "robustness": result.to_dict(), "verified": [v.to_dict() for v in verified],
         "corruption": corruption_summary(corruption), "layers": sparsity_report(model)["layers"],
-        "size": size.to_dict()})
+        "size": size.to_dict()}
+
+    def write() -> None:
+        if corruption is not None:
+            record_result(folder / "evaluate" / "corruption.json", corruption.to_dict())
+        record_result(folder / "evaluate" / "metrics.json", metrics)
+
+    on_main(write)
     return Evaluation(variant, summary, result, verified, corruption)
 
 
@@ -732,7 +792,7 @@ def _read_history(path: Path, epochs_done: int) -> list[dict]:
             continue
     kept = [r for r in rows if r.get("epoch", 0) <= epochs_done]
     text = "".join(json.dumps(r) + "\n" for r in kept)
-    if text != path.read_text():  # replaced whole, so a kill now cannot lose the earlier rows
+    if text != path.read_text() and is_main():  # replaced whole, so a kill now cannot lose the earlier rows
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(text)
         tmp.replace(path)

@@ -12,6 +12,7 @@ import torch
 
 from cardkit.corrupt import BENCHMARK, SEVERITIES
 from cardkit.data import ArrayDataset, BatchLoader
+from cardkit.distributed import gather_objects, owns
 from cardkit.errors import CardkitError
 
 Classifier = Callable[[torch.Tensor], torch.Tensor]
@@ -72,7 +73,8 @@ def evaluate_corruptions(classifiers: dict[str, Classifier], suite: Suite, *, so
                          memory_format: torch.memory_format = torch.contiguous_format,
                          baselines: dict[str, CorruptionResult] | None = None) -> dict[str, CorruptionResult]:
     """Accuracy of each classifier on each corruption and severity of `suite`. Every corrupted set
-    is loaded (or generated) once and shared by all classifiers."""
+    is loaded (or generated) once and shared by all classifiers. Under torchrun the (corruption,
+    severity) sets go round-robin to the ranks and every rank returns the whole table."""
     suite.check(names)
     device = torch.device(device)
     seconds = dict.fromkeys(classifiers, 0.0)
@@ -85,7 +87,9 @@ def evaluate_corruptions(classifiers: dict[str, Classifier], suite: Suite, *, so
             seconds[label] += time.perf_counter() - start
         return out
 
-    table = {(n, s): run(suite.load(n, s)) for n in names for s in severities}
+    sets = [(n, s) for n in names for s in severities]
+    mine = {key: run(suite.load(*key)) for number, key in enumerate(sets) if owns(number)}
+    table = {key: value for part in gather_objects(mine) for key, value in part.items()}
     clean_accuracy = run(clean) if clean is not None else dict.fromkeys(classifiers)
     results = {}
     for label in classifiers:

@@ -6,6 +6,10 @@ AutoAttack prints it).
 The evaluation can stop and resume: after every batch it hands its state (the flags, where it is,
 the times so far) to `save`, and `evaluate_robustness(..., resume=state)` continues from it with
 the same final numbers. Writing the state is the caller's business (the engine writes files).
+
+Under torchrun the batches go round-robin to the ranks and the flags are reduced after each stage,
+so the numbers equal one process's exactly: attack noise is seeded per stage and batch, not per
+process. A sharded evaluation hands its state to `save` (on rank 0) after each stage only.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch import nn
 from cardkit.attacks import Threat
 from cardkit.attacks.registry import attack_stages, describe
 from cardkit.config_base import Section
+from cardkit.distributed import all_and, is_main, owns, world
 from cardkit.eval.checks import post_checks, pre_checks
 
 log = logging.getLogger(__name__)
@@ -135,11 +140,12 @@ class _Run:
 
     @torch.no_grad()
     def correct(self) -> torch.Tensor:
-        flags = torch.zeros(len(self.y), dtype=torch.bool)
-        for index in torch.arange(len(self.y)).split(self.batch_size):
-            x, y = self.batch(index)
-            flags[index] = (self.model(x).argmax(1) == y).cpu()
-        return flags
+        flags = torch.ones(len(self.y), dtype=torch.bool)  # another rank's points: its flags decide
+        for number, index in enumerate(torch.arange(len(self.y)).split(self.batch_size)):
+            if owns(number):
+                x, y = self.batch(index)
+                flags[index] = (self.model(x).argmax(1) == y).cpu()
+        return all_and(flags)
 
 
 def _run_stage(run: _Run, stage, index: int, threat: Threat, state: dict, seed: int,
@@ -149,7 +155,10 @@ def _run_stage(run: _Run, stage, index: int, threat: Threat, state: dict, seed: 
         state["stage_seconds"] = 0.0
     survivors = state["start"].nonzero().flatten()
     batches = survivors.split(run.batch_size) if len(survivors) else ()  # split() of nothing is one empty batch
+    sharded = world().size > 1
     for number in range(state["batch"], len(batches)):
+        if not owns(number):
+            continue
         began = time.perf_counter()
         points = batches[number]
         x, y = run.batch(points)
@@ -160,15 +169,16 @@ def _run_stage(run: _Run, stage, index: int, threat: Threat, state: dict, seed: 
         state["robust"][points[fooled.cpu()]] = False
         state["stage_seconds"] += time.perf_counter() - began
         state["batch"] = number + 1
-        if save is not None and number + 1 < len(batches):
+        if save is not None and number + 1 < len(batches) and not sharded:
             save(_with_time(state, start))
+    state["robust"] = all_and(state["robust"])
     robust = int(state["robust"].sum()) / len(state["robust"])
     state["results"].append({"attack": stage.label, "robust_accuracy": robust,
                              "seconds": state["stage_seconds"]})
     log.log(level, "robust accuracy after %s: %.4f (%.1f s)", stage.label, state["results"][-1]["robust_accuracy"],
             state["stage_seconds"])
     state.update(stage=index + 1, batch=0, start=None, stage_seconds=0.0)
-    if save is not None:
+    if save is not None and is_main():
         save(_with_time(state, start))
 
 

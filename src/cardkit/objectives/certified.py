@@ -1,5 +1,8 @@
 """Certified training: IBP (Gowal et al. 2018), CROWN-IBP (Zhang et al. 2020) and MixTrain as used
-by HYDRA (Wang et al. 2018): cross-entropy on worst-case logits built from margin lower bounds."""
+by HYDRA (Wang et al. 2018): cross-entropy on worst-case logits built from margin lower bounds.
+
+Bounds are computed in fp32 even when training runs under bf16/fp16 autocast: a bound rounded in
+half precision is no longer a bound, and training would optimise an unsound surrogate."""
 
 from __future__ import annotations
 
@@ -52,6 +55,11 @@ class MixTrainConfig(PGDATConfig):
     bound_weight: NonNegativeFloat = 1.0
 
 
+def fp32_bounds(x: torch.Tensor):
+    """A context in which bound computations on `x`'s device leave autocast (see the module doc)."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def bound_loss(lower_margins: torch.Tensor) -> torch.Tensor:
     """Cross-entropy on the worst-case logits: 0 for the true class, -lower margin for the others."""
     worst = torch.cat([torch.zeros_like(lower_margins[:, :1]), -lower_margins], dim=1)
@@ -82,7 +90,8 @@ class _Bounded(Objective):
             natural = F.cross_entropy(logits, y)
         if eps == 0:
             return {"loss": natural, "logits": logits, "robust_loss": natural.detach()}
-        robust = bound_loss(self.margins(model, x, y, eps))
+        with fp32_bounds(x):
+            robust = bound_loss(self.margins(model, x.float(), y, eps))
         loss = robust if kappa == 0 else kappa * natural + (1 - kappa) * robust
         return {"loss": loss, "logits": logits, "robust_loss": robust.detach()}
 
@@ -105,7 +114,8 @@ class MixTrain(PGDAT):
         out = super().__call__(model, x, y)
         count = max(1, round(self.config.bound_fraction * len(x)))
         pick = torch.randperm(len(x), device=x.device)[:count]
-        bound = bound_loss(ibp_margin_bounds(model, x[pick], y[pick], self.full_threat.eps * self.scale).lower)
+        with fp32_bounds(x):
+            bound = bound_loss(ibp_margin_bounds(model, x[pick].float(), y[pick], self.full_threat.eps * self.scale).lower)
         return {**out, "loss": out["loss"] + self.config.bound_weight * bound, "robust_loss": bound.detach()}
 
 
