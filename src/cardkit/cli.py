@@ -17,8 +17,14 @@ EPILOG = "User errors print one line and exit with code 2."
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.nproc is not None and args.nproc > 1 and "RANK" not in os.environ:
+        return _launch(args.nproc, argv)
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if not main_rank:  # under torchrun, rank 0 alone prints results and errors
+        sys.stdout = open(os.devnull, "w")
     _configure_logging(args.verbose, args.quiet)
     try:
         if args.plugin:
@@ -29,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, not at exit
         return code
     except CardkitError as err:
-        print(f"cardkit: error: {err}", file=sys.stderr)
+        if main_rank:
+            print(f"cardkit: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cardkit: interrupted; run the same command again to resume", file=sys.stderr)
@@ -43,6 +50,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cardkit: error: cannot use{where}: {err.strerror or err}; check the path and its "
               f"permissions", file=sys.stderr)
         return 2
+
+
+def _launch(nproc: int, argv: list[str]) -> int:
+    """`cardkit --nproc N ...`: the same command in N data-parallel processes, started by torchrun's
+    launcher (what `torchrun --standalone --nproc-per-node N -m cardkit ...` does)."""
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from cardkit.engine.threads import available_cores
+
+    rest = [a for i, a in enumerate(argv) if not (a == "--nproc" or a.startswith("--nproc=")
+                                                 or (i > 0 and argv[i - 1] == "--nproc"))]
+    # torchrun would set one thread per process; share this machine's cores instead, unless set
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, available_cores() // nproc)))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+    try:
+        elastic_launch(config, sys.executable)("-m", "cardkit", *rest)
+    except ChildFailedError as failed:  # the failing rank has said why
+        return min((f.exitcode for f in failed.failures.values()), key=lambda c: (c <= 0, c)) or 1
+    return 0
 
 
 def _configure_logging(verbose: bool, quiet: bool) -> None:
@@ -62,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cardkit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details (debug level)")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    parser.add_argument("--nproc", type=int, metavar="N",
+                        help="run the command in N data-parallel processes on this machine (torchrun; gloo on "
+                             "CPU, one GPU each with nccl)")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                         help="import a module that registers its own models, datasets, methods, "
                              "objectives or attacks (repeatable; a config's plugins: list does the same)")

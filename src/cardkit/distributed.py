@@ -63,8 +63,8 @@ def init_from_env(device: torch.device) -> torch.device:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-        if not is_main():  # one voice: the other ranks log only warnings and errors
-            logging.getLogger("cardkit").setLevel(logging.WARNING)
+        if not is_main():  # one voice: rank 0 logs and warns for all
+            logging.getLogger("cardkit").setLevel(logging.ERROR)
         log.info("data-parallel over %d processes (%s)", world().size, backend)
     return device
 

@@ -15,6 +15,7 @@ from scipy.stats import beta as beta_dist
 from scipy.stats import binomtest, norm
 from torch import nn
 
+from cardkit.distributed import gather_objects, owns
 from cardkit.errors import CardkitError
 
 ABSTAIN = -1
@@ -118,20 +119,29 @@ def predict(model, x, sigma, n, alpha, batch, classes) -> int:
 def smoothed_accuracy(model: nn.Module, samples: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
                       sigma: float, n0: int = 100, n: int = 10000, alpha: float = 0.001,
                       radii: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), batch: int = 1000,
-                      classes: int = 10, split: str = "test") -> SmoothingResult:
-    """Certified accuracy of the smoothed classifier at each L2 radius."""
+                      classes: int = 10, split: str = "test", seed: int | None = None) -> SmoothingResult:
+    """Certified accuracy of the smoothed classifier at each L2 radius.
+
+    With `seed`, each point's noise comes from its own seed (seed, index), so a point certifies the
+    same wherever it is evaluated; under torchrun the points go round-robin to the ranks and every
+    rank returns the whole result."""
     check_smoothing(sigma, n0, n, alpha)
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    outcomes = []
+    mine = []
     try:
+        index = 0
         for xs, ys in samples:
             for x, y in zip(xs, ys):
-                label, radius = certify(model, x, sigma, n0, n, alpha, batch, classes)
-                outcomes.append((label, int(y), radius))
+                if owns(index):
+                    if seed is not None:
+                        torch.manual_seed(seed * 1_000_003 + index)
+                    mine.append((index, *certify(model, x, sigma, n0, n, alpha, batch, classes), int(y)))
+                index += 1
     finally:
         model.train(was_training)
+    outcomes = [(label, y, radius) for _, label, radius, y in sorted(o for part in gather_objects(mine) for o in part)]
     total = max(len(outcomes), 1)
     certified = [sum(1 for c, y, r in outcomes if c == y and r >= radius) / total for radius in radii]
     correct = [r for c, y, r in outcomes if c == y]

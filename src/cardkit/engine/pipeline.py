@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import shutil
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -132,8 +132,7 @@ def run_pipeline(config: RunConfig, *, restart: bool = False, progress: bool = F
     device = prepare_process(config)
     on_main(lambda: check_run_folder(run_dir))  # a folder of other files is refused before anything is touched
     missing = [p for p in [run_dir, *run_dir.parents] if not p.exists()]  # what the lock creates
-    with ExitStack() as stack:  # rank 0 holds the run's lock; the other ranks follow it
-        on_main(lambda: stack.enter_context(run_lock(run_dir)))
+    with _locked(run_dir):
         try:
             on_main(lambda: _prepare_folder(run_dir, config, restart))
             splits = load_data(config)  # before the run is written: a data error leaves nothing behind
@@ -143,6 +142,14 @@ def run_pipeline(config: RunConfig, *, restart: bool = False, progress: bool = F
             raise
         on_main(lambda: (claim_run_folder(run_dir), _write_config(run_dir, config)))
         return _run_stages(_Run(config, splits, device, progress and is_main()), evaluate_dense)
+
+
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """The folder's run lock, held by rank 0 for all the ranks (by the one process without torchrun)."""
+    with ExitStack() as stack:
+        on_main(lambda: stack.enter_context(run_lock(folder)))
+        yield
 
 
 def _prepare_folder(run_dir: Path, config: RunConfig, restart: bool) -> None:
@@ -308,7 +315,7 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), *, pointer:
     pruning = checkpoint.meta.get("pruning")
     variant = method_config(**pruning).label if pruning else "dense"
     result = RunResult(folder, config.data.name)
-    with run_lock(folder):
+    with _locked(folder):
         result.evaluations.append(_evaluate(run, variant, model, folder, checkpoint))
     return result
 
@@ -658,16 +665,15 @@ def certify_checkpoint(path: str | Path, method: str, overrides: list[str] = (),
         if "gaussian" not in trained:
             log.warning("this model was not trained with Gaussian noise (objective: gaussian); its "
                         "smoothed classifier will certify little")
-        torch.manual_seed(config.seed)
         result = smoothed_accuracy(model, loader.epoch(), split=config.evaluate.split,
-                                   classes=splits.info.num_classes, **smoothing)
+                                   classes=splits.info.num_classes, seed=config.seed, **smoothing)
     else:
         result = verified_accuracy(model, loader.epoch(), _verify_eps(config), method, config.evaluate.split)
     folder = checkpoint.path.parents[2]
-    with run_lock(folder):
-        write_json_atomic(folder / "certify" / f"{method}.json",
-                          {"checkpoint": str(checkpoint.path), "dataset": config.data.name,
-                           "model": summarize_model(model), "verification": result.to_dict()})
+    with _locked(folder):
+        on_main(lambda: write_json_atomic(folder / "certify" / f"{method}.json",
+                                          {"checkpoint": str(checkpoint.path), "dataset": config.data.name,
+                                           "model": summarize_model(model), "verification": result.to_dict()}))
     return folder, result
 
 
@@ -684,9 +690,13 @@ def fourier_checkpoint(path: str | Path, *, eps: float, samples: int, seed: int 
     result = fourier_heat_map(model, x, y, eps, batch_size=config.data.eval_batch_size,
                               generator=torch.Generator().manual_seed(seed))
     out = checkpoint.path.parents[2] / "fourier"
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "heatmap.json", {"checkpoint": str(checkpoint.path), **result.to_dict()})
-    save_heat_map(result, out / "heatmap.png", title=f"{config.name}: error under Fourier noise, eps {eps:g}")
+
+    def write() -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "heatmap.json", {"checkpoint": str(checkpoint.path), **result.to_dict()})
+        save_heat_map(result, out / "heatmap.png", title=f"{config.name}: error under Fourier noise, eps {eps:g}")
+
+    on_main(write)
     return out.parent, result
 
 
