@@ -479,8 +479,8 @@ def _rank_rng(checkpoint: Checkpoint) -> Optional[dict[str, torch.Tensor]]:
     if saved != here.size:
         if checkpoint.meta["state"].get("batch"):
             raise CardkitError(f"{checkpoint.path} was saved mid-epoch by {saved} process(es) and this run "
-                               f"has {here.size}; resume it with {saved} (torchrun --nproc-per-node {saved}) "
-                               f"or from the epoch's start with --restart")
+                               f"has {here.size}; resume it with {saved} (cardkit --nproc {saved} ..., or "
+                               f"torchrun --nproc-per-node {saved} -m cardkit ...)")
         log.warning("resuming a stage trained on %d process(es) with %d: the data order and global batch "
                     "stay the same, the attack noise of each process does not", saved, here.size)
     if rng is None or saved == 1:
