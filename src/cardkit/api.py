@@ -49,7 +49,7 @@ from cardkit.objectives.augment import AugMixConfig, NoiseConfig, with_augmentat
 from cardkit.prune import MaskGroup, PruneContext, prune_model
 from cardkit.prune.masked import LayerFilter, layer_selection, prunable_layers
 from cardkit.train import Trainer, TrainState, build_optimizer
-from cardkit.train.trainer import derive_seed
+from cardkit.train.trainer import PRECISIONS, derive_seed
 
 Data = Union[tuple[torch.Tensor, torch.Tensor], ArrayDataset, Iterable]
 """(x, y) tensors, an ArrayDataset, or an iterable of (x, y) batches (e.g. a DataLoader)."""
@@ -77,7 +77,7 @@ def fit(model: nn.Module, data: Data, objective: Section | str | None = None, *,
         grad_clip: float | None = None, group: Optional[MaskGroup] = None, validation: Data | None = None,
         eval_samples: int | None = 1000, eval_pgd_steps: int = 0, seed: int = 0,
         on_step: Callable[[int, int], None] | None = None, regularizer: Callable[[], torch.Tensor] | None = None,
-        progress: bool = False) -> list[dict]:
+        precision: str = "fp32", progress: bool = False) -> list[dict]:
     """Train `model` in place with a training objective; returns one row per epoch (loss,
     accuracy, learning rate, the per-epoch evaluation, seconds).
 
@@ -93,9 +93,14 @@ def fit(model: nn.Module, data: Data, objective: Section | str | None = None, *,
     `validation` (row keys `val_accuracy`, `val_robust_accuracy`), by default on `eval_samples`
     training points (`train_sample_accuracy`, ...). `on_step(steps done, total
     steps)` runs after every optimizer step and `regularizer()` is added to the loss (a pruning
-    schedule, ATMC's ADMM term). Runs are reproducible from `seed`.
+    schedule, ATMC's ADMM term). `precision` "bf16" or "fp16" runs the training steps under
+    autocast (fp16 with a loss scaler); bounds and evaluation stay fp32. Runs are reproducible
+    from `seed`. Each process trains on its own: data-parallel training is the pipeline's
+    (`cardkit --nproc N run`, torchrun).
     """
     _check_model(model)
+    if precision not in PRECISIONS:
+        raise CardkitError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
     objective, threat = _objective_and_threat(objective, eps, norm)
     stage = _config(TrainStageConfig, "fit", epochs=epochs, objective=objective, augment=augment,
                     optimizer=_section(optimizer, OptimizerConfig, "optimizer"),
@@ -121,7 +126,7 @@ def fit(model: nn.Module, data: Data, objective: Section | str | None = None, *,
         optim.register_step_post_hook(lambda *_: group.enforce(refit=True))
     trainer = Trainer(model, with_augmentation(build_objective(objective, threat), augment), stage, loader, optim,
                       seed=seed, stage_id=0, evaluate=evaluate_epoch, save=lambda *_: None, progress=progress,
-                      describe="fit", on_step=on_step, regularizer=regularizer)
+                      describe="fit", on_step=on_step, regularizer=regularizer, precision=precision)
     return trainer.fit(TrainState()).history
 
 

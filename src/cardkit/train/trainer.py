@@ -138,8 +138,10 @@ class Trainer:
         self.on_step = on_step  # on_step(steps done, total steps): e.g. a pruning schedule
         self.regularizer = regularizer  # a penalty added to the loss: e.g. ATMC's ADMM term
         self.world = world()
-        self.sync_bn = sync_bn and self.world.size > 1
-        self.objective_step = self._parallel_step() if self.world.size > 1 else None
+        # data-parallel when the loader gives this rank its shard of each global batch
+        parallel = self.world.size > 1 and getattr(loader, "shard", None) is not None
+        self.sync_bn = sync_bn and parallel
+        self.objective_step = self._parallel_step() if parallel else None
         device = next(model.parameters()).device
         self.dtype = PRECISIONS[precision]
         self.device_type = device.type
@@ -174,7 +176,7 @@ class Trainer:
             set_rng_state(state.rng)
         else:
             # each rank draws its own attack noise (one process keeps the seeds it always had)
-            ranked = (self.world.rank,) if self.world.size > 1 else ()
+            ranked = (self.world.rank,) if self.objective_step is not None else ()
             torch.manual_seed(derive_seed(self.seed, self.stage_id, epoch, 1, *ranked))
         state.rng = None
         batches = self.loader.epoch(derive_seed(self.seed, self.stage_id, epoch, 0), start_batch=state.batch)
@@ -233,7 +235,7 @@ class Trainer:
         before the backward pass, so a diverged loss stops every rank at the same step)."""
         loss = loss.float()
         correct = (logits.detach().argmax(1) == y).sum()
-        if self.world.size == 1:
+        if self.objective_step is None:
             return float(loss), float(correct), len(y)
         sums = all_sum(torch.stack([loss * len(y), correct.double().to(loss.dtype),
                                     torch.tensor(float(len(y)), device=loss.device)]).double())
