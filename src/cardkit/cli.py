@@ -14,12 +14,18 @@ from cardkit import __version__
 from cardkit.errors import CardkitError
 
 EPILOG = "User errors print one line and exit with code 2."
+# the commands that run data-parallel under torchrun (the others would only repeat their work)
+PARALLEL_COMMANDS = ("run", "train", "prune", "evaluate", "certify")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.nproc is not None and (args.nproc < 1 or (args.nproc > 1 and args.command not in PARALLEL_COMMANDS)):
+        print(f"cardkit: error: --nproc {args.nproc}: give N >= 1 processes for one of "
+              f"{', '.join(PARALLEL_COMMANDS)}", file=sys.stderr)
+        return 2
     if args.nproc is not None and args.nproc > 1 and "RANK" not in os.environ:
         return _launch(args.nproc, argv)
     main_rank = os.environ.get("RANK", "0") == "0"

@@ -15,6 +15,7 @@ import itertools
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -153,6 +154,9 @@ class Trainer:
         if self.sync_bn:  # statistics of the global batch; swapped back after the stage
             self.batchnorm = batchnorm_classes(self.model)
             step = nn.SyncBatchNorm.convert_sync_batchnorm(step)
+        # channels_last weights with a size-1 dimension (1x1 kernels, one input channel) have strides
+        # that differ from their gradients' only along it: the same memory, not a slower layout
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         return DistributedDataParallel(step, device_ids=[device] if device.type == "cuda" else None)
 
     def fit(self, state: TrainState) -> TrainState:
