@@ -92,7 +92,8 @@ def test_two_processes_train_like_one(runs):
 
 
 def test_sharded_evaluation_equals_one_process(runs):
-    overrides = ["--set", "evaluate.attacks=[{name: pgd, steps: 3}, {name: autoattack, version: custom, attacks: [apgd-ce]}]",
+    attacks = "[{name: pgd, steps: 3}, {name: autoattack, version: custom, attacks: [apgd-ce]}]"
+    overrides = ["--set", f"evaluate.attacks={attacks}",
                  "--set", "evaluate.verify=[ibp, crown]",
                  "--set", "evaluate.corruption.names=[gaussian_noise, fog]",
                  "--set", "evaluate.corruption.severities=[1, 5]", "--set", "evaluate.samples=60"]
@@ -187,3 +188,11 @@ def test_shards_split_like_tensor_split(n, size):
     slices = [shard_slice(n, r, size) for r in range(size)]
     assert [s.stop - s.start for s in slices] == expected
     assert [s.start for s in slices] == [sum(expected[:r]) for r in range(size)]
+
+
+def test_nproc_is_refused_where_it_would_only_repeat_the_work(tmp_path):
+    refused = subprocess.run([sys.executable, "-m", "cardkit", "--nproc", "2", "size", "--checkpoint",
+                              str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == ("cardkit: error: --nproc 2: give N >= 1 processes for one of run, "
+                                      "train, prune, evaluate, certify")

@@ -53,8 +53,8 @@ def test_certified_losses_bound_in_fp32_under_autocast():
     x, y = data(8)
     objective = build_objective(IBPConfig(kappa=0.0, warmup_epochs=0, ramp_epochs=0), Threat("linf", 0.05))
     objective.set_progress(1.0)
-    exact = F.cross_entropy(
-        torch.cat([torch.zeros(8, 1), -ibp_margin_bounds(model, x, y, 0.05).lower], 1), torch.zeros(8, dtype=torch.long))
+    worst_logits = torch.cat([torch.zeros(8, 1), -ibp_margin_bounds(model, x, y, 0.05).lower], 1)
+    exact = F.cross_entropy(worst_logits, torch.zeros(8, dtype=torch.long))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         robust = objective(model, x, y)["robust_loss"]
     assert robust.dtype == torch.float32

@@ -27,6 +27,7 @@ from cardkit.deck import DISTANCES, GATINGS, Card, CardDeck, domain_key, referen
 from cardkit.engine.checkpoint import record_result, write_json_atomic
 from cardkit.engine.rundir import check_run_folder, claim_run_folder, run_lock
 from cardkit.engine.pipeline import _find_checkpoint, _subset, load_data, model_from_checkpoint, resolve_device
+from cardkit.distributed import launched_size
 from cardkit.engine.threads import set_threads
 from cardkit.errors import CardkitError
 from cardkit.eval.corruption import evaluate_corruptions
@@ -72,6 +73,9 @@ def load_deck_config(path: str | Path) -> DeckConfig:
 
 def build_deck(config: DeckConfig) -> Path:
     """Load the cards, compute each domain's reference spectrum, write the deck folder."""
+    if launched_size() > 1:
+        raise CardkitError("deck build trains nothing and runs in one process: start it without torchrun "
+                           "(the cards train data-parallel with cardkit --nproc N run CARD_CONFIG)")
     set_threads(None)
     device = resolve_device(config.device)
     check_run_folder(config.folder)
