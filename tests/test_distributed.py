@@ -152,6 +152,69 @@ def test_a_killed_two_process_run_resumes_to_the_same_weights(runs):
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
+EVERY_METHOD = {
+    "name": "every", "device": "cpu", "pipeline": ["pretrain", "prune", "finetune", "evaluate"],
+    "threat": {"norm": "linf", "eps": 0.1}, "data": {"name": "digits", "val_size": 100, "batch_size": 32},
+    "pretrain": {"epochs": 1, "objective": {"name": "mixtrain", "steps": 2}},
+    "prune": {"methods": [{"name": "hydra", "sparsity": 0.9, "quantize": {"bits": 4}},
+                          {"name": "edge_popup", "sparsity": 0.5}, {"name": "biprop", "sparsity": 0.5},
+                          {"name": "lottery", "sparsity": 0.9, "rounds": 2}, {"name": "gmp", "sparsity": 0.9},
+                          {"name": "atmc", "sparsity": 0.9, "bits": 4}, {"name": "snip", "sparsity": 0.9}],
+              "epochs": 2, "objective": {"name": "ibp"}},
+    "finetune": {"epochs": 1, "objective": {"name": "trades", "steps": 2}, "augment": {"name": "augmix"}},
+    "evaluate": {"attacks": [{"name": "pgd", "steps": 2}]},
+}
+
+
+def test_every_method_and_objective_trains_in_two_processes_with_the_ranks_in_step(tmp_path):
+    """Each method's own steps (HYDRA/edge-popup/biprop scores, lottery rounds, GMP's schedule,
+    ATMC's projections and codebooks, SNIP's saliency) under certified, TRADES and AugMix
+    objectives; every epoch ends with a check that the ranks hold the same weights."""
+    (tmp_path / "every.yaml").write_text(yaml.safe_dump(EVERY_METHOD))
+    cardkit("run", "every.yaml", "--dry-run", "--no-progress", cwd=tmp_path, nproc=2)
+    variants = ["hydra-0.9-4bit", "edge_popup-0.5", "biprop-0.5", "lottery-0.9", "gmp-0.9", "atmc-0.9-4bit", "snip-0.9"]
+    for variant in variants:
+        assert (tmp_path / "runs/every-dry-run" / variant / "evaluate/metrics.json").is_file(), variant
+
+
+def _diverged_rank(rank: int, port: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    from cardkit.train.trainer import Trainer
+
+    trainer = Trainer.__new__(Trainer)  # only the check: the model and its name
+    trainer.model, trainer.describe = torch.nn.Linear(2, 1), "prune"
+    with torch.no_grad():
+        trainer.model.weight.fill_(1.0 + rank * 1e-6)
+        trainer.model.bias.fill_(0.0)
+    try:
+        trainer._check_ranks_agree(0)
+        queue.put((rank, None))
+    except Exception as error:  # noqa: BLE001 - the message is what the test checks
+        queue.put((rank, str(error)))
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_whose_weights_drift_apart_are_stopped_in_one_line():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.get_context("spawn")
+    queue = context.SimpleQueue()
+    processes = [context.Process(target=_diverged_rank, args=(r, port, queue)) for r in range(2)]
+    for p in processes:
+        p.start()
+    errors = dict(queue.get() for _ in processes)
+    for p in processes:
+        p.join()
+    assert all(e is not None and "weights differ after epoch 1" in e for e in errors.values())
+
+
 def descendants(pid: int) -> list[int]:
     parents = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):

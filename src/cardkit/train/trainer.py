@@ -26,8 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from cardkit.config import TrainStageConfig
-from cardkit.distributed import all_sum, world
-from cardkit.errors import TrainingDiverged
+from cardkit.distributed import all_sum, gather_objects, world
+from cardkit.errors import CardkitError, TrainingDiverged
 from cardkit.eval import RobustnessResult
 from cardkit.objectives import Objective
 from cardkit.train.optim import learning_rate, set_learning_rate
@@ -260,6 +260,8 @@ class Trainer:
         self.scaler.update()
 
     def _end_epoch(self, epoch, state, totals, seconds) -> dict:
+        if self.objective_step is not None:
+            self._check_ranks_agree(epoch)
         result = self.evaluate(self.model)
         score = result.robust_accuracy if result.robust_accuracy is not None else result.clean_accuracy
         is_best = state.best_score is None or score > state.best_score
@@ -281,6 +283,18 @@ class Trainer:
         state.totals = None
         self._save(state, row, is_best)
         return row
+
+    def _check_ranks_agree(self, epoch: int) -> None:
+        """DDP keeps the ranks' weights equal only if every step outside the averaged gradient (a
+        projection, a mask update, a codebook) is the same on every rank; a checksum per epoch
+        tells, before a diverged rank's weights can be mistaken for the model's."""
+        state = self.model.state_dict()
+        checksum = torch.stack([t.detach().double().sum() for t in state.values() if t.is_floating_point()]).sum()
+        sums = gather_objects(float(checksum))
+        if len(set(sums)) > 1:
+            raise CardkitError(f"{self.describe}: the processes' weights differ after epoch {epoch + 1} "
+                               f"(checksums {', '.join(f'{v:.9g}' for v in sums)}): a step outside the averaged "
+                               f"gradient is not the same on every rank; run it in one process")
 
     def _save(self, state: TrainState, row: Optional[dict], is_best: bool) -> None:
         state.scaler = self.scaler.state_dict() if self.scaler is not None else None
