@@ -277,3 +277,75 @@ def test_crown_through_average_pooling_and_dropout_equals_the_pooling_as_a_convo
         for intermediate in ("ibp", "crown"):
             a, b = crown_bounds(pooled, x, 0.1, intermediate), crown_bounds(as_conv, x, 0.1, intermediate)
             assert torch.allclose(a.lower, b.lower, atol=1e-5) and torch.allclose(a.upper, b.upper, atol=1e-5)
+
+
+def test_a_relu_with_symmetric_bounds_takes_the_zero_lower_line():
+    # relu(2x - 1) over x in [0, 1]: the pre-activation is in [-1, 1], where both lower lines have
+    # the same area; slope 0 is the documented choice, and gives the exact minimum 0 (slope 1
+    # would give -1).
+    net = nn.Sequential(nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 1)).eval()
+    with torch.no_grad():
+        net[0].weight.fill_(2.0), net[0].bias.fill_(-1.0), net[2].weight.fill_(1.0), net[2].bias.zero_()
+    with torch.no_grad():
+        bounds = crown_bounds(net, torch.tensor([[0.5]]), 0.5, "ibp")
+    assert bounds.lower.item() == 0.0 and bounds.upper.item() == 1.0
+
+
+def _as_dense(conv, in_shape):
+    """A convolution as the Linear layer of its Jacobian on the flattened input (plus its bias)."""
+    size = math.prod(in_shape)
+    with torch.no_grad():
+        basis = torch.eye(size).view(size, *in_shape)
+        columns = conv._conv_forward(basis, conv.weight, None).flatten(1)  # column i = L e_i
+        out = conv(torch.zeros(1, *in_shape)).flatten(1)
+        dense = nn.Linear(size, columns.shape[1])
+        dense.weight.copy_(columns.T)
+        dense.bias.copy_(out[0])
+    return dense, tuple(conv(torch.zeros(1, *in_shape)).shape[1:])
+
+
+@pytest.mark.parametrize("first_stride", [2, (2, 1)])
+def test_crown_on_non_square_convolutions_equals_their_dense_matrices(first_stride):
+    # Non-square inputs, kernels and strides, so that no height can stand in for a width: CROWN
+    # through the convolutions gives the bounds of the same network written with dense matrices.
+    g = torch.Generator().manual_seed(0)
+    conv1 = nn.Conv2d(1, 2, (3, 2), stride=first_stride, padding=(1, 0))
+    conv2 = nn.Conv2d(2, 2, (2, 3), stride=1, padding=(0, 1))
+    with torch.no_grad():
+        for p in (*conv1.parameters(), *conv2.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g))
+    in_shape = (1, 7, 6)
+    dense1, mid_shape = _as_dense(conv1, in_shape)
+    dense2, out_shape = _as_dense(conv2, mid_shape)
+    fc = nn.Linear(math.prod(out_shape), 3)
+    conv_net = nn.Sequential(conv1, nn.ReLU(), conv2, nn.ReLU(), nn.Flatten(), fc).eval()
+    dense_net = nn.Sequential(nn.Flatten(), dense1, nn.ReLU(), dense2, nn.ReLU(), fc).eval()
+    x = torch.rand(2, *in_shape, generator=g)
+    with torch.no_grad():
+        assert torch.allclose(conv_net(x), dense_net(x), atol=1e-5)
+        for intermediate in ("ibp", "crown"):
+            a, b = crown_bounds(conv_net, x, 0.05, intermediate), crown_bounds(dense_net, x, 0.05, intermediate)
+            assert torch.allclose(a.lower, b.lower, atol=1e-4) and torch.allclose(a.upper, b.upper, atol=1e-4)
+
+
+def test_noise_drawn_by_several_threads_is_gaussian_around_x_and_reproducible():
+    # With more than one intra-op thread the buffer is filled slice by slice, each slice from its
+    # own generator; the result is still x + N(0, sigma^2), and the same under the same seed.
+    threads = torch.get_num_threads()
+    x = torch.linspace(0, 1, 4).view(1, 2, 2)
+    try:
+        torch.set_num_threads(3)
+        draws = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            noise = _Noise(6000, x)
+            assert len(noise.generators) == 3
+            draws.append(noise.draw(6000, 0.5, x).clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(draws[0], draws[1])
+    noise = draws[0] - x
+    # 24,000 draws: the standard error of the mean is 0.0032 and that of the std 0.0023.
+    assert abs(noise.mean().item()) < 0.012 and abs(noise.std().item() - 0.5) < 0.01
+    thirds = noise.tensor_split(3)
+    assert not torch.equal(thirds[0], thirds[1]) and not torch.equal(thirds[1], thirds[2])
