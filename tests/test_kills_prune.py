@@ -238,3 +238,34 @@ def test_sparsity_report_of_a_single_weight():
     with torch.no_grad():
         model[0].weight.fill_(0.5)
     assert sparsity_report(model)["sparsity"] == 0.0
+
+
+def test_structured_pruning_refusals_name_the_bad_value():
+    model = create_model("cnn_small", 10, 1, 28)
+    for kwargs, message in [({"sparsity": True}, r"^sparsity=True is invalid; give the fraction of channels to "
+                                                 r"remove, a number in \[0, 1\]$"),
+                            ({"sparsity": 0.5, "scope": "all"}, r"^scope='all' is invalid; use 'layer' or 'global'$"),
+                            ({"sparsity": 0.5, "source": "grad"},
+                             r"^source='grad' is invalid; use 'weight' or 'scores'$"),
+                            ({"sparsity": 0.5, "source": "scores"},
+                             r"^layer 'conv1' \(Conv2d\) has no scores; call cardkit.prune.add_masks\(model\) first "
+                             r"or use source='weight'$")]:
+        with pytest.raises(CardkitError, match=message):
+            channel_masks(model, **kwargs)
+
+
+def test_a_structurally_rebuilt_model_restores_without_masks_and_keeps_frozen_weights_frozen():
+    from cardkit.prune.methods import MagnitudeConfig, restore_method
+    from cardkit.prune.masked import MaskedLayer
+    from cardkit.prune.structured import rebuild
+
+    torch.manual_seed(0)
+    model = create_model("cnn_small", 10, 1, 28)
+    add_masks(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    smaller = rebuild(model, channel_masks(model, 0.5))
+    assert all(not p.requires_grad for p in smaller.parameters())
+    setup = restore_method(smaller, MagnitudeConfig(sparsity=0.5, scope="structured"))
+    assert setup.group is None and setup.model is smaller
+    assert not any(isinstance(m, MaskedLayer) for m in smaller.modules())
