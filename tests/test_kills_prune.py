@@ -267,5 +267,5 @@ def test_a_structurally_rebuilt_model_restores_without_masks_and_keeps_frozen_we
     smaller = rebuild(model, channel_masks(model, 0.5))
     assert all(not p.requires_grad for p in smaller.parameters())
     setup = restore_method(smaller, MagnitudeConfig(sparsity=0.5, scope="structured"))
-    assert setup.group is None and setup.model is smaller
+    assert setup.group is None and setup.model is smaller and setup.trains is False
     assert not any(isinstance(m, MaskedLayer) for m in smaller.modules())
