@@ -269,3 +269,37 @@ def test_a_structurally_rebuilt_model_restores_without_masks_and_keeps_frozen_we
     setup = restore_method(smaller, MagnitudeConfig(sparsity=0.5, scope="structured"))
     assert setup.group is None and setup.model is smaller and setup.trains is False
     assert not any(isinstance(m, MaskedLayer) for m in smaller.modules())
+
+
+@pytest.mark.parametrize("iterations,centre", [(20, 4.0), (0, 5.0)])
+def test_atmc_admm_quantizes_the_kept_entries_with_the_configured_k_means(iterations, centre):
+    # One free centre (1 bit) for C's kept entries 3, 3, 3, 7: it starts at the middle of [3, 7],
+    # 5, where all four are nearer than to 0; Lloyd moves it to their mean 4, where it stays.
+    # With no iterations it stays at 5. U and V keep nothing.
+    model = nn.Sequential(nn.Linear(4, 2))
+    layers = to_atmc(model, rank=0.5, bits=1)
+    group = AtmcGroup(model, layers, AtmcConfig(sparsity=0.5, bits=1, kmeans_iterations=iterations), 32 * 10)
+    layer = layers[0]
+    with torch.no_grad():
+        layer.mask_u.zero_(), layer.mask_v.zero_()
+        layer.c.copy_(torch.tensor([[3.0, 3.0, 3.0, 7.0], [9.0, 9.0, 9.0, 9.0]]))
+        layer.mask_c.copy_(torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]))
+    group.start_admm()
+    assert layer.z_c.tolist() == [[centre] * 4, [0.0] * 4]
+    assert layer.codebook_c.tolist() == [0.0, centre] and not layer.dual_c.any()
+    assert not layer.z_u.any() and not layer.z_v.any()
+    if iterations:
+        # theta moves to 3, 3, 3, 9; warm-started at 4, the centre goes to 4.5. The dual gains
+        # theta - Z on the kept entries.
+        with torch.no_grad():
+            layer.c[0, 3] = 9.0
+        group.admm_update()
+        assert layer.z_c[0].tolist() == [4.5] * 4
+        assert layer.dual_c.tolist() == [[-1.5, -1.5, -1.5, 4.5], [0.0] * 4]
+
+
+def test_structured_hydra_trains_scores_under_a_layer_wise_mask():
+    setup = prune_model(create_model("cnn_small", 10, 1, 28), method_config("hydra", sparsity=0.5, scope="structured"))
+    assert setup.group.scope == "layer" and setup.finish is not None
+    assert prune_model(nn.Sequential(nn.Linear(4, 4)),
+                       method_config("hydra", sparsity=0.5, scope="global")).group.scope == "global"
