@@ -111,13 +111,14 @@ def on_main(fn: Callable[[], T]) -> T | None:
     error on rank 0 is raised on every rank, so no process is left waiting on the others."""
     if world().size == 1:
         return fn()
-    result, error = None, None
+    result, error, message = None, None, None
     if is_main():
         try:
             result = fn()
-        except CardkitError as exc:
+        except Exception as exc:  # noqa: BLE001 - raised again below, on rank 0 as it was
             error = exc
-    message = gather_objects(None if error is None else str(error))[0]
+            message = str(exc) if isinstance(exc, CardkitError) else f"rank 0 failed: {type(exc).__name__}: {exc}"
+    message = gather_objects(message)[0]
     if error is not None:
         raise error
     if message is not None:

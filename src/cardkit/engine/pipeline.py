@@ -135,7 +135,7 @@ def run_pipeline(config: RunConfig, *, restart: bool = False, progress: bool = F
     with _locked(run_dir):
         try:
             on_main(lambda: _prepare_folder(run_dir, config, restart))
-            splits = load_data(config)  # before the run is written: a data error leaves nothing behind
+            splits = load_data_once(config)  # before the run is written: a data error leaves nothing behind
         except BaseException:
             if missing and is_main():
                 shutil.rmtree(missing[-1], ignore_errors=True)
@@ -309,7 +309,7 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), *, pointer:
     if pointer is None and config.evaluate.checkpoint != "last":
         checkpoint = _find_checkpoint(Path(path), config.evaluate.checkpoint)
     device = prepare_process(config)
-    run = _Run(config, load_data(config), device, progress=False)
+    run = _Run(config, load_data_once(config), device, progress=False)
     model = model_from_checkpoint(checkpoint).to(device)
     folder = checkpoint.path.parents[2]  # <folder>/<stage>/checkpoints/<checkpoint>
     pruning = checkpoint.meta.get("pruning")
@@ -333,6 +333,13 @@ def read_results(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
         run = run_dir.name if (run_dir / "config.yaml").is_file() else run_dir.parent.name
         rows += [{"run": run, **json.loads(file.read_text())} for file in files]
     return rows
+
+
+def load_data_once(config: RunConfig) -> DatasetSplits:
+    """The config's data, read (and downloaded, when missing) by rank 0 before the other ranks read
+    the same files."""
+    splits = on_main(lambda: load_data(config))
+    return splits if splits is not None else load_data(config)
 
 
 def load_data(config: RunConfig) -> DatasetSplits:
@@ -655,7 +662,7 @@ def certify_checkpoint(path: str | Path, method: str, overrides: list[str] = (),
     checkpoint = _find_checkpoint(Path(path), pointer)
     config = validate_config(checkpoint.meta["config"], list(overrides))
     device = prepare_process(config)
-    splits = load_data(config)
+    splits = load_data_once(config)
     model = model_from_checkpoint(checkpoint).to(device)
     data = _subset(getattr(splits, config.evaluate.split), config.evaluate.samples, config.seed)
     loader = BatchLoader(data, config.data.eval_batch_size, device=device)
