@@ -148,3 +148,83 @@ def test_packing_accepts_plain_python_sequences():
     mask = np.array([1.0, 0.0] * 4 + [1.0] * 8)
     p = encode_positions(mask)
     assert p.format == "bitmap" and p.bits == 16 and decode_positions(p).tolist() == (mask != 0).tolist()
+
+
+# --- compress/artifact.py: a user model's file, its fingerprint, and the instance checks --------
+
+import hashlib  # noqa: E402
+import re  # noqa: E402
+import json  # noqa: E402
+
+from safetensors.numpy import load as _load_arrays  # noqa: E402
+from safetensors.numpy import save as _save_arrays  # noqa: E402
+
+from cardkit.compress.artifact import fingerprint, load_artifact, plain_shapes, save_artifact  # noqa: E402
+from cardkit.errors import CardkitError  # noqa: E402
+from cardkit.prune.atmc import to_atmc  # noqa: E402
+from cardkit.prune.masked import add_masks  # noqa: E402
+
+
+def test_fingerprint_is_the_sha256_of_the_compact_json_of_names_and_shapes():
+    # Written out by hand: sorted names, compact separators. Files record this value, so a change
+    # of format would refuse every user-model file written before it.
+    model = nn.Sequential(nn.Linear(2, 3))
+    text = '[["0.bias",[3]],["0.weight",[3,2]]]'
+    assert fingerprint(model) == hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_plain_shapes_of_a_factorized_model_are_those_of_its_dense_model():
+    dense = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
+    factorized = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
+    to_atmc(factorized, rank=0.5, bits=2)
+    assert plain_shapes(factorized) == plain_shapes(dense) == {
+        "0.bias": (4,), "0.weight": (4, 6), "2.bias": (2,), "2.weight": (2, 4)}
+    assert fingerprint(factorized) == fingerprint(dense)
+
+
+def _user_file(tmp_path, edit=None):
+    model = nn.Sequential(nn.Linear(3, 2))
+    path = tmp_path / "m.card"
+    save_artifact(model, path)
+    if edit is not None:  # edit the header (the checksum covers the tensors only)
+        data = path.read_bytes()
+        length = int.from_bytes(data[:8], "little")
+        header = json.loads(json.loads(data[8:8 + length])["__metadata__"]["cardkit"])
+        edit(header)
+        path.write_bytes(_save_arrays(dict(_load_arrays(data)), metadata={"cardkit": json.dumps(header)}))
+    return model, path
+
+
+def test_a_user_model_instance_is_checked_message_by_message(tmp_path):
+    model, path = _user_file(tmp_path)
+    header_name = "torch.nn.modules.container.Sequential"
+    with pytest.raises(CardkitError, match=r"^load_artifact\(model=...\) takes an nn.Module instance, got int$"):
+        load_artifact(path, model=3)
+    pruned = nn.Sequential(nn.Linear(3, 2))
+    add_masks(pruned)
+    with pytest.raises(CardkitError, match=r"^the Sequential given to load_artifact is pruned or factorized already; "
+                                           r"pass a freshly built instance: load_artifact\(path, model=MyNet\(\)\)$"):
+        load_artifact(path, model=pruned)
+    with pytest.raises(CardkitError, match=rf"^artifact '{re.escape(str(path))}': 0.weight is \(2, 3\) in the file but "
+                                           rf"\(4, 3\) in the given Sequential; the file holds a {header_name}: pass "
+                                           rf"a freshly built instance of that architecture$"):
+        load_artifact(path, model=nn.Sequential(nn.Linear(3, 4)))
+    loaded = load_artifact(path, model=nn.Sequential(nn.Linear(3, 2)))
+    x = torch.rand(4, 3)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_a_user_record_with_an_edited_fingerprint_is_refused(tmp_path):
+    header_name = "torch.nn.modules.container.Sequential"
+    _, path = _user_file(tmp_path, lambda h: h["arch"].update(fingerprint="0" * 64))
+    with pytest.raises(CardkitError, match=rf"^artifact '{re.escape(str(path))}': the given Sequential has other tensors than the "
+                                           rf"exported {header_name} \(their names and shapes differ\); the file "
+                                           rf"holds a {header_name}: pass a freshly built instance of that "
+                                           rf"architecture$"):
+        load_artifact(path, model=nn.Sequential(nn.Linear(3, 2)))
+    for bad in ({"fingerprint": "xyz"}, {"fingerprint": 5}, {"name": None}):
+        _, path = _user_file(tmp_path, lambda h: h["arch"].update(bad))
+        with pytest.raises(CardkitError, match=rf"^artifact '{re.escape(str(path))}': its user architecture record lacks a class "
+                                               rf"name or a valid fingerprint; the file is corrupt or was edited$"):
+            load_artifact(path, model=nn.Sequential(nn.Linear(3, 2)))
