@@ -10,13 +10,16 @@ STAMP := $(VENV)/.installed
 demo: $(STAMP)
 	$(BIN)/cardkit run configs/quickstart.yaml
 
+# Two test processes of one torch thread each (pytest-xdist), a test file per process at a time so
+# that a file's module-scoped runs happen once; TEST_JOBS=N for another count.
+TEST_JOBS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile
 
 # The inner loop: everything but the end-to-end and statistical tests marked slow (`make test`
 # and CI run those too).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile -m "not slow"
 
 install: $(STAMP)
 
