@@ -228,3 +228,38 @@ def test_a_user_record_with_an_edited_fingerprint_is_refused(tmp_path):
         with pytest.raises(CardkitError, match=rf"^artifact '{re.escape(str(path))}': its user architecture record lacks a class "
                                                rf"name or a valid fingerprint; the file is corrupt or was edited$"):
             load_artifact(path, model=nn.Sequential(nn.Linear(3, 2)))
+
+
+def test_a_structurally_rebuilt_model_round_trips_and_no_tensor_may_outgrow_its_base(tmp_path):
+    from cardkit.prune.structured import channel_masks, rebuild
+
+    torch.manual_seed(0)
+    dense = create_model("cnn_small", 10, 1, 28)
+    smaller = rebuild(dense, channel_masks(dense, 0.5)).eval()  # conv1 keeps 8 of 16 channels
+    path = tmp_path / "s.card"
+    save_artifact(smaller, path)
+    loaded = load_artifact(path)
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), smaller(x))
+    # The same file with conv1's bias listed at 17 channels, more than the base's 16 (and again
+    # with an extra dimension) is refused by the shape check alone.
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(json.loads(data[8:8 + length])["__metadata__"]["cardkit"])
+    arrays = dict(_load_arrays(data))
+    for shape, shown in (([17], r"\(17,\)"), ([8, 1], r"\(8, 1\)")):
+        edited = json.loads(json.dumps(header))
+        edited["other"] = [[n, shape if n == "conv1.bias" else s] for n, s in edited["other"]]
+        if shape == [17]:  # keep the float count consistent: nine more values after conv1.bias
+            offset = sum(int(np.prod(s)) for n, s in header["other"][:[n for n, _ in header["other"]].index("conv1.bias") + 1])
+            arrays_edit = dict(arrays, other=np.insert(arrays["other"], offset, np.zeros(9, np.float32)))
+        else:
+            arrays_edit = arrays
+        from cardkit.compress.artifact import _digest
+        edited["sha256"] = _digest(arrays_edit)
+        path.write_bytes(_save_arrays(arrays_edit, metadata={"cardkit": json.dumps(edited)}))
+        with pytest.raises(CardkitError, match=rf"^artifact '{re.escape(str(path))}': conv1.bias is {shown} in the "
+                                               rf"file but \(16,\) in the cnn_small architecture; the file is "
+                                               rf"corrupt or was edited$"):
+            load_artifact(path)
