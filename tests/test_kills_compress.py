@@ -263,3 +263,16 @@ def test_a_structurally_rebuilt_model_round_trips_and_no_tensor_may_outgrow_its_
                                                rf"file but \(16,\) in the cnn_small architecture; the file is "
                                                rf"corrupt or was edited$"):
             load_artifact(path)
+
+
+def test_binary_codes_of_plus_minus_alpha_values():
+    from cardkit.compress.stored import binary_codes
+
+    values = torch.tensor([[0.5, -0.5, 0.0, 0.5]])
+    q = binary_codes(values, values != 0)
+    # One sign bit each (code 1 is +alpha), alpha = 0.5; the values are kept as given.
+    assert q.bits == 1 and q.codebook.tolist() == [[-0.5, 0.5]] and q.codes.tolist() == [[1, 0, 0, 1]]
+    assert q.values is values
+    assert binary_codes(torch.tensor([[0.5, -0.25]]), torch.tensor([[True, True]])) is None  # two magnitudes
+    empty = binary_codes(torch.zeros(1, 3), torch.zeros(1, 3, dtype=torch.bool))  # nothing kept: alpha 0
+    assert empty.codebook.tolist() == [[0.0, 0.0]]
