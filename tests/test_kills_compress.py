@@ -276,3 +276,24 @@ def test_binary_codes_of_plus_minus_alpha_values():
     assert binary_codes(torch.tensor([[0.5, -0.25]]), torch.tensor([[True, True]])) is None  # two magnitudes
     empty = binary_codes(torch.zeros(1, 3), torch.zeros(1, 3, dtype=torch.bool))  # nothing kept: alpha 0
     assert empty.codebook.tolist() == [[0.0, 0.0]]
+
+
+@pytest.mark.parametrize("rank,r", [(0.5, 1), (1.0, 2)])
+def test_atmc_files_of_rank_one_and_of_full_rank_load(tmp_path, rank, r):
+    # Linear(3, 2): rank 1 and rank min(2, 3) = 2 are the limits a file may give its factors.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2))
+    (layer,) = to_atmc(model, rank=rank, bits=2)
+    assert layer.u.shape == (2, r)
+    save_artifact(model, tmp_path / "a.card")
+    loaded = load_artifact(tmp_path / "a.card", model=nn.Sequential(nn.Linear(3, 2)))
+    x = torch.rand(4, 3)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_header_values_in_messages_are_cut_at_40_characters():
+    from cardkit.compress.artifact import _short
+
+    assert _short("a" * 38) == repr("a" * 38)  # 40 characters with the quotes: whole
+    assert _short("a" * 39) == "'" + "a" * 36 + "..."  # 41: the first 37, then ...
