@@ -38,21 +38,26 @@ from cardkit.train import Trainer, TrainState, build_optimizer
 EPS, PGD_STEPS = 8 / 255, 10
 
 
-def step_times(args, sync: bool = True) -> list[float]:
-    """Times of the optimizer steps after `warmup`, in this process (a rank, or the only one)."""
+def step_times(args, sync: bool = True, precision: str = "fp32", device: str = "cpu") -> list[float]:
+    """Times of PGD-AT optimizer steps after `warmup`, through cardkit's Trainer, in this process
+    (a rank, or the only one); CUDA steps are timed to their completion."""
     torch.manual_seed(0)
-    model = create_model(args.model, num_classes=10, in_channels=3, input_size=32).train()
+    model = create_model(args.model, num_classes=10, in_channels=3, input_size=32).to(device).train()
+    model = model.to(memory_format=torch.channels_last)
     n = args.batch * (args.steps + args.warmup)
     g = torch.Generator().manual_seed(1)
     data = ArrayDataset(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
                         torch.randint(0, 10, (n,), generator=g))
-    loader = BatchLoader(data, args.batch, shuffle=True, drop_last=True, shard=world())
+    loader = BatchLoader(data, args.batch, shuffle=True, drop_last=True, shard=world(), device=device,
+                         memory_format=torch.channels_last)
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     stage = TrainStageConfig(epochs=1, objective={"name": "pgd_at", "steps": PGD_STEPS})
     stamps = []
     trainer = Trainer(model, build_objective(stage.objective, Threat("linf", EPS)), stage, loader,
                       build_optimizer(model.parameters(), stage.optimizer), seed=0, stage_id=0,
                       evaluate=lambda net: RobustnessResult("val", 1, 0.0, None, "linf", EPS, "none"),
-                      save=lambda *_: None, on_step=lambda *_: stamps.append(time.perf_counter()))
+                      save=lambda *_: None, on_step=lambda *_: (synchronize(), stamps.append(time.perf_counter())),
+                      precision=precision)
     if trainer.objective_step is not None and not sync:
         trainer.objective_step.require_backward_grad_sync = False  # what DDP's no_sync() sets
     trainer.fit(TrainState())
