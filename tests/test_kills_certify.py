@@ -153,8 +153,8 @@ def _conv_bn_net(batchnorm=True):
         for p in (*conv.parameters(), *fc.parameters()):
             p.copy_(torch.randn(p.shape, generator=g))
         bn.weight.copy_(torch.tensor([2.0, -0.5, 1.5]))
-        bn.bias.copy_(torch.tensor([0.3, -1.0, 0.25]))
-        bn.running_mean.copy_(torch.tensor([1.0, -2.0, 0.5]))
+        bn.bias.copy_(torch.tensor([0.1, -0.1, 0.05]))
+        bn.running_mean.copy_(torch.tensor([0.2, -0.3, 0.1]))
         bn.running_var.copy_(torch.tensor([1.5, 0.5, 3.5]))
     return nn.Sequential(conv, bn, nn.ReLU(), nn.Flatten(), fc).eval()
 
