@@ -255,7 +255,7 @@ def test_structured_pruning_refusals_name_the_bad_value():
 
 
 def test_a_structurally_rebuilt_model_restores_without_masks_and_keeps_frozen_weights_frozen():
-    from cardkit.prune.methods import MagnitudeConfig, restore_method
+    from cardkit.prune.methods import HydraConfig, MagnitudeConfig, restore_method
     from cardkit.prune.masked import MaskedLayer
     from cardkit.prune.structured import rebuild
 
@@ -266,9 +266,10 @@ def test_a_structurally_rebuilt_model_restores_without_masks_and_keeps_frozen_we
         p.requires_grad_(False)
     smaller = rebuild(model, channel_masks(model, 0.5))
     assert all(not p.requires_grad for p in smaller.parameters())
-    setup = restore_method(smaller, MagnitudeConfig(sparsity=0.5, scope="structured"))
-    assert setup.group is None and setup.model is smaller and setup.trains is False
-    assert not any(isinstance(m, MaskedLayer) for m in smaller.modules())
+    for config in (MagnitudeConfig(sparsity=0.5, scope="structured"), HydraConfig(sparsity=0.5, scope="structured")):
+        setup = restore_method(smaller, config)
+        assert setup.group is None and setup.model is smaller and setup.trains is False
+        assert not any(isinstance(m, MaskedLayer) for m in smaller.modules())
 
 
 @pytest.mark.parametrize("iterations,centre", [(20, 4.0), (0, 5.0)])
