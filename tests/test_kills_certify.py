@@ -349,3 +349,9 @@ def test_noise_drawn_by_several_threads_is_gaussian_around_x_and_reproducible():
     assert abs(noise.mean().item()) < 0.012 and abs(noise.std().item() - 0.5) < 0.01
     thirds = noise.tensor_split(3)
     assert not torch.equal(thirds[0], thirds[1]) and not torch.equal(thirds[1], thirds[2])
+
+
+def test_crown_on_a_network_ending_in_a_relu_is_refused_in_one_line():
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3), torch.nn.ReLU()).eval()
+    with pytest.raises(CardkitError, match="'2' is a ReLU; bound the logits before it"):
+        crown_bounds(net, torch.rand(2, 1, 2, 2), 0.1)

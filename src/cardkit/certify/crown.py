@@ -109,6 +109,9 @@ def _prepare(model, x, eps, intermediate) -> _Network:
         if isinstance(layer, nn.BatchNorm2d) and layer.training:
             raise CardkitError(f"layer '{name}' (BatchNorm2d) is in training mode; bounds need "
                                f"the model in eval mode (model.eval())")
+    if layers and isinstance(layers[-1][1], nn.ReLU):  # its relaxation needs bounds CROWN never forms
+        raise CardkitError(f"CROWN bounds the outputs of an affine last layer, and '{layers[-1][0]}' is a ReLU; "
+                           f"bound the logits before it (drop the final ReLU), or use IBP bounds")
     with torch.no_grad():
         shapes, out = [], x[:1]
         for _, layer in layers:
