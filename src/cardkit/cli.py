@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     if not main_rank:  # under torchrun, rank 0 alone prints results and errors
         sys.stdout = open(os.devnull, "w")
     _configure_logging(args.verbose, args.quiet)
+    finished = False
     try:
         if args.plugin:
             from cardkit.config import import_plugins
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             import_plugins(args.plugin)
         code = args.handler(args) or 0
         sys.stdout.flush()  # a closed pipe shows here, not at exit
+        finished = True
         return code
     except CardkitError as err:
         if main_rank:
@@ -56,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cardkit: error: cannot use{where}: {err.strerror or err}; check the path and its "
               f"permissions", file=sys.stderr)
         return 2
+    finally:
+        if "RANK" in os.environ:  # under torchrun: leave the process group before the interpreter exits
+            from cardkit.distributed import shutdown
+
+            shutdown(finished)
 
 
 def _launch(nproc: int, argv: list[str]) -> int:

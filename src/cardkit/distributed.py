@@ -69,6 +69,17 @@ def init_from_env(device: torch.device) -> torch.device:
     return device
 
 
+def shutdown(finished: bool) -> None:
+    """Leave the process group before exit: gloo's threads torn down by the interpreter's exit instead
+    can abort the process. After a finished command the ranks first wait for each other, so no rank
+    closes its connections while another is still reading from them."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def barrier() -> None:
     if world().size > 1:
         dist.barrier()
