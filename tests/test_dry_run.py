@@ -20,7 +20,7 @@ def test_a_dry_run_keeps_every_stage_and_method_and_cuts_the_work():
     dry = dry_run_config(config)
     assert dry.name == "atmc-dry-run" and dry.pipeline == config.pipeline
     assert [m.label for m in dry.prune.methods] == [m.label for m in config.prune.methods]
-    assert dry.data.train_size == STEPS * dry.data.batch_size and dry.data.batch_size <= 8
+    assert dry.data.train_size == STEPS * dry.data.batch_size and dry.data.batch_size <= 4
     assert all(getattr(dry, stage).epochs == 1 for stage in ("pretrain", "prune", "finetune"))
     assert dry.pretrain.objective.steps == 2 and dry.pretrain.objective.eps_warmup_epochs == 3
     assert dry.evaluate.samples == POINTS and [a.label for a in dry.evaluate.attacks] == ["pgd-1"]

@@ -123,7 +123,9 @@ def quantize_kmeans(weight: torch.Tensor, mask: torch.Tensor | None = None, *, b
     """
     size = 2 ** check_bits(bits)
     w, kept = _prepare(weight, mask)
-    values = w[kept].sort().values
+    values = w[kept]
+    if iterations:  # Lloyd's steps read the clusters as runs of the sorted values
+        values = values.sort().values
     centres = _initial_centres(values, size) if init is None else _warm_start(init, size, w.device)
     for _ in range(iterations):
         updated = _lloyd_step(values, centres)
@@ -191,9 +193,9 @@ def _lookup(codebook: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 
 
 def _initial_centres(values: torch.Tensor, size: int) -> torch.Tensor:
-    """Zero, then size - 1 centres at the middles of equal cells over [min, max] of the sorted
-    kept values (all zero if nothing is kept)."""
-    low, high = (values[0], values[-1]) if values.numel() else (values.new_zeros(()),) * 2
+    """Zero, then size - 1 centres at the middles of equal cells over [min, max] of the kept
+    values (all zero if nothing is kept)."""
+    low, high = torch.aminmax(values) if values.numel() else (values.new_zeros(()),) * 2
     cells = (torch.arange(size - 1, device=values.device, dtype=torch.float32) + 0.5) / (size - 1)
     return torch.cat([values.new_zeros(1), low + (high - low) * cells])
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from cardkit.config import TRAIN_STAGES, RunConfig, validate_config
 
-BATCH = 8  # images per step
+BATCH = 4  # images per step
 STEPS = 2  # optimizer steps per stage (per epoch of one)
-POINTS = 16  # evaluation points
+POINTS = 8  # evaluation points
 
 
 def dry_run_config(config: RunConfig) -> RunConfig:
