@@ -1,6 +1,9 @@
 """The command line on real data: train, evaluate, resume after SIGKILL; user errors exit 2."""
 
+import contextlib
+import io
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -15,9 +18,33 @@ from cardkit.cli import main
 
 
 def cardkit(*args, cwd=None, check=True):
+    """`cardkit ARGS` in a process of its own, as a user runs it."""
     result = subprocess.run([sys.executable, "-m", "cardkit", *map(str, args)], capture_output=True,
                             text=True, cwd=cwd, timeout=600)
     if check and result.returncode != 0:
+        raise AssertionError(f"cardkit {' '.join(map(str, args))} failed:\n{result.stderr}")
+    return result
+
+
+def cardkit_here(*args, cwd=None, check=True) -> subprocess.CompletedProcess:
+    """`cardkit ARGS` run by `main` in this process: the command's own code and output without an
+    interpreter and torch to start (4 s a call), for tests of what a command computes. The log
+    settings `main` makes are undone afterwards."""
+    logger = logging.getLogger("cardkit")
+    saved = logger.handlers[:], logger.propagate, logger.level
+    stdout, stderr = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.chdir(cwd or Path.cwd()), contextlib.redirect_stdout(stdout), \
+                contextlib.redirect_stderr(stderr):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exit:  # argparse's usage errors
+                code = exit.code
+    finally:
+        logger.handlers[:], logger.propagate = saved[0], saved[1]
+        logger.setLevel(saved[2])
+    result = subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
+    if check and code != 0:
         raise AssertionError(f"cardkit {' '.join(map(str, args))} failed:\n{result.stderr}")
     return result
 
@@ -63,14 +90,14 @@ def test_cli_trains_evaluates_and_resumes_after_sigkill_on_mnist(tmp_path, share
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert pointer.exists()
-    cardkit("run", killed, "--no-progress")
+    cardkit_here("run", killed, "--no-progress")
     resumed = load_file(next((tmp_path / "runs" / "killed" / "pretrain" / "checkpoints").glob("epoch0003*"))
                         / "model.safetensors")
     assert all((resumed[k] == reference[k]).all() for k in reference)
 
-    again = cardkit("evaluate", "--checkpoint", run_dir, "--steps", "5", "--eps", "1/255")
+    again = cardkit_here("evaluate", "--checkpoint", run_dir, "--steps", "5", "--eps", "1/255")
     assert "linf eps 0.003922" in again.stdout
-    table = cardkit("report", run_dir, "--markdown").stdout.splitlines()
+    table = cardkit_here("report", run_dir, "--markdown").stdout.splitlines()
     cells = [c.strip() for c in table[2].strip("|").split("|")]
     assert table[0].startswith("| run") and cells[:7] == ["mnist", "mnist", "cnn_small", "dense", "0.0000", "test", "300"]
 

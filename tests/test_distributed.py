@@ -28,6 +28,7 @@ from cardkit.data import Augmentation, BatchLoader
 from cardkit.data.splits import ArrayDataset
 from cardkit.distributed import World, shard_slice
 from cardkit.engine.checkpoint import load_checkpoint
+from test_cli import cardkit_here
 
 pytestmark = pytest.mark.slow
 
@@ -47,9 +48,13 @@ CONFIG = {
 
 
 def cardkit(*args, cwd, nproc=1, check=True) -> subprocess.CompletedProcess:
-    launch = ["--nproc", str(nproc)] if nproc > 1 else []
-    done = subprocess.run([sys.executable, "-m", "cardkit", *launch, *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+    """The command in one process (this one: no interpreter to start) or in `nproc` processes
+    started by torchrun's launcher."""
+    if nproc == 1:
+        done = cardkit_here(*args, cwd=cwd, check=False)
+    else:
+        done = subprocess.run([sys.executable, "-m", "cardkit", "--nproc", str(nproc), *args], cwd=cwd,
+                              capture_output=True, text=True, timeout=300)
     if check:
         assert done.returncode == 0, done.stderr[-3000:]
     return done

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_cli import cardkit
+from test_cli import cardkit_here as cardkit  # the commands' own code, in this process
 
 
 def card_config(tmp_path, shared_data, name, augment, baseline=None):

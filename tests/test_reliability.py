@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.error
 from pathlib import Path
 
@@ -102,6 +103,26 @@ def test_a_second_process_is_refused_and_a_stale_lock_taken_over(tmp_path, capsy
     assert not (run_dir / LOCK).exists()
     rows = (run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 1
+
+
+def test_a_lock_held_by_a_killed_process_not_yet_reaped_is_stale(tmp_path, capsys):
+    """A SIGKILLed torchrun rank whose launcher died too stays a zombie until it is reaped: it
+    answers signals, but its lock must not stop the resume."""
+    config = tiny_config(tmp_path)
+    run_dir = tmp_path / "runs" / "tiny"
+    holder = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{holder.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child did not exit"
+            time.sleep(0.01)
+        os.kill(holder.pid, 0)  # still there for signals
+        run_dir.mkdir(parents=True)
+        (run_dir / LOCK).write_text(json.dumps({"pid": holder.pid}))
+        assert main(["run", str(config), "--no-progress"]) == 0
+        assert f"taking over a stale lock (process {holder.pid} no longer runs)" in capsys.readouterr().err
+    finally:
+        holder.wait()
 
 
 def test_the_lock_is_reentrant_and_released(tmp_path):

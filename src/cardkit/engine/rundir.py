@@ -140,4 +140,14 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # exists, owned by another user
         return True
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """A process that was killed but not yet reaped by its parent (e.g. a torchrun rank whose
+    launcher was killed too): it still answers signals but no longer runs. Linux only."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in ("Z", "X")
