@@ -25,3 +25,11 @@ def shared_data() -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with slow tests first, each file's tests in their own order: pytest-xdist hands out
+    whole files in this order, so the long ones start early and the short ones fill the gaps at
+    the end instead of one process finishing a long file alone."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)

@@ -13,6 +13,9 @@ from cardkit.engine.dryrun import POINTS, STEPS, dry_run_config
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 RUNS = sorted(p for p in [*CONFIGS.glob("*.yaml"), *CONFIGS.glob("paper/*.yaml")] if p.stem != "deck")
+# The paper-scale models (ResNet-18, VGG16, WRN-28-4) take 30-120 s each on one CPU thread.
+PARAMS = [pytest.param(p, marks=[pytest.mark.slow] if p.parent != CONFIGS else [], id=str(p.relative_to(CONFIGS)))
+          for p in RUNS]
 
 
 def test_a_dry_run_keeps_every_stage_and_method_and_cuts_the_work():
@@ -26,7 +29,7 @@ def test_a_dry_run_keeps_every_stage_and_method_and_cuts_the_work():
     assert dry.evaluate.samples == POINTS and [a.label for a in dry.evaluate.attacks] == ["pgd-1"]
 
 
-@pytest.mark.parametrize("path", RUNS, ids=[str(p.relative_to(CONFIGS)) for p in RUNS])
+@pytest.mark.parametrize("path", PARAMS)
 def test_every_shipped_config_runs_its_first_steps(path, shared_data, tmp_path, capsys):
     # The paper-scale configs read the full official CIFAR-10 download; ../shared/data has its
     # training batches and the first 1,000 test images.
