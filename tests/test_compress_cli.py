@@ -12,6 +12,7 @@ from cardkit.data import BatchLoader
 from cardkit.engine.pipeline import _find_checkpoint, load_data, model_from_checkpoint
 from conftest import SHARED_DATA
 from test_cli import cardkit as run_cli
+from test_cli import cardkit_here
 
 VARIANTS = {
     "magnitude-0.95-8bit": "{name: magnitude, sparsity: 0.95, quantize: {bits: 8}}",
@@ -50,7 +51,7 @@ def test_exported_file_reproduces_the_evaluated_model(compressed_run, variant):
     metrics = json.loads((folder / "evaluate" / "metrics.json").read_text())
     assert variant in stdout and f"{metrics['model']['compression_ratio']:.1f}x" in stdout
 
-    out = run_cli("export", "--checkpoint", folder, "--out", tmp / f"{variant}.card").stdout
+    out = cardkit_here("export", "--checkpoint", folder, "--out", tmp / f"{variant}.card").stdout
     assert "outputs differ by at most 0" in out
     written = (tmp / f"{variant}.card").stat().st_size
     assert metrics["size"]["bytes"] <= written <= metrics["size"]["bytes"] + 4096
@@ -69,7 +70,7 @@ def test_exported_file_reproduces_the_evaluated_model(compressed_run, variant):
         n += len(y)
     assert correct / n == pytest.approx(metrics["robustness"]["clean_accuracy"], abs=1e-9)
     bits = {"magnitude-0.95-8bit": 8, "hydra-0.9-4bit-kmeans": 4, "biprop-0.9": 1, "atmc-0.95-4bit": 4}[variant]
-    for entry in json.loads(run_cli("size", "--checkpoint", folder, "--json").stdout)["tensors"]:
+    for entry in json.loads(cardkit_here("size", "--checkpoint", folder, "--json").stdout)["tensors"]:
         assert 1 <= entry["value_bits"] <= bits  # every stored tensor is quantized
     if variant.startswith("atmc"):  # U, V and C hold the l0 budget together
         assert sum(layer["kept"] for layer in metrics["layers"]) <= round(0.05 * sum(
@@ -83,9 +84,9 @@ def test_exported_file_reproduces_the_evaluated_model(compressed_run, variant):
 def test_size_command_prints_every_tensor_and_the_ratio(compressed_run):
     tmp, _, _ = compressed_run
     folder = tmp / "runs" / "compress" / "hydra-0.9-4bit-kmeans"
-    out = run_cli("size", "--checkpoint", folder).stdout
+    out = cardkit_here("size", "--checkpoint", folder).stdout
     assert "fc1.weight" in out and "kmeans" in out and "compression" in out
-    report = json.loads(run_cli("size", "--checkpoint", folder, "--json").stdout)
+    report = json.loads(cardkit_here("size", "--checkpoint", folder, "--json").stdout)
     metrics = json.loads((folder / "evaluate" / "metrics.json").read_text())
     assert report["bytes"] == metrics["size"]["bytes"]
     # k-means: the centres in use (at most 16) and codes just wide enough to index them
@@ -95,5 +96,5 @@ def test_size_command_prints_every_tensor_and_the_ratio(compressed_run):
 def test_export_errors_are_one_line(compressed_run, tmp_path):
     bad = tmp_path / "bad.card"
     bad.write_bytes(b"not a model")
-    result = run_cli("export", "--checkpoint", tmp_path / "missing", "--out", bad, check=False)
+    result = cardkit_here("export", "--checkpoint", tmp_path / "missing", "--out", bad, check=False)
     assert result.returncode == 2 and result.stderr.count("\n") == 1

@@ -140,9 +140,12 @@ def test_a_killed_two_process_run_resumes_to_the_same_weights(runs):
         if (checkpoints / "last.json").is_file() and load_checkpoint(checkpoints).meta["state"]["batch"] > 5:
             break
         time.sleep(0.05)
-    for pid in [process.pid, *descendants(process.pid)]:  # the launcher and both ranks, at once
+    killed = [process.pid, *descendants(process.pid)]
+    for pid in killed:  # the launcher and both ranks, at once
         os.kill(pid, signal.SIGKILL)
     process.wait()
+    while not all(gone(pid) for pid in killed):  # SIGKILL takes effect asynchronously
+        time.sleep(0.01)
     saved = load_checkpoint(checkpoints).meta["state"]
     assert 0 < saved["batch"] and saved["epoch"] < 2, "the kill must land mid-run"
 
@@ -218,6 +221,14 @@ def test_ranks_whose_weights_drift_apart_are_stopped_in_one_line():
     for p in processes:
         p.join()
     assert all(e is not None and "weights differ after epoch 1" in e for e in errors.values())
+
+
+def gone(pid: int) -> bool:
+    """Exited: no such process, or one that is only waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
 
 
 def descendants(pid: int) -> list[int]:
