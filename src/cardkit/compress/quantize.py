@@ -123,16 +123,17 @@ def quantize_kmeans(weight: torch.Tensor, mask: torch.Tensor | None = None, *, b
     """
     size = 2 ** check_bits(bits)
     w, kept = _prepare(weight, mask)
-    values = w[kept]
-    if iterations:  # Lloyd's steps read the clusters as runs of the sorted values
-        values = values.sort().values
+    kept_values = w[kept]
+    # Lloyd's steps read the clusters as runs of the sorted values
+    values = kept_values.sort().values if iterations else kept_values
     centres = _initial_centres(values, size) if init is None else _warm_start(init, size, w.device)
     for _ in range(iterations):
         updated = _lloyd_step(values, centres)
         if torch.equal(updated, centres):
             break
         centres = updated
-    codes = torch.where(kept, _nearest(w, centres), 0)
+    codes = torch.zeros_like(w, dtype=torch.long)  # pruned weights: code 0, the zero centre
+    codes[kept] = _nearest(kept_values, centres)  # only the kept ones are searched (a few % when sparse)
     return _result(weight, codes, centres, kept, bits)
 
 
