@@ -297,3 +297,23 @@ def test_header_values_in_messages_are_cut_at_40_characters():
 
     assert _short("a" * 38) == repr("a" * 38)  # 40 characters with the quotes: whole
     assert _short("a" * 39) == "'" + "a" * 36 + "..."  # 41: the first 37, then ...
+
+
+# --- encode: a decoded tensor checks both the count of weights and the count of kept ones ------
+
+from dataclasses import replace  # noqa: E402
+
+from cardkit.compress.encode import decode_tensor, encode_tensor  # noqa: E402
+from cardkit.compress.stored import StoredTensor  # noqa: E402
+
+
+@pytest.mark.parametrize("field, value", [("kept", 4), ("shape", (2, 5))])
+def test_positions_that_disagree_with_either_count_are_refused(field, value):
+    """A 2 x 4 float tensor with 3 kept weights: the header may not claim 4 kept of 8 (the weight
+    count right) nor 3 kept of 10 (the kept count right)."""
+    values = torch.arange(1.0, 9.0).view(2, 4)
+    kept = torch.tensor([[1, 0, 0, 1], [0, 0, 1, 0]], dtype=torch.bool)
+    encoded = encode_tensor(StoredTensor("w", values, kept, "float", None))
+    assert torch.equal(decode_tensor(encoded), torch.tensor([[1.0, 0, 0, 4], [0, 0, 7, 0]]))
+    with pytest.raises(ValueError, match="the positions hold 3 kept of 8 weights"):
+        decode_tensor(replace(encoded, **{field: value}))
